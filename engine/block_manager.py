@@ -1,0 +1,216 @@
+"""Physical KV blocks: allocation, reference counts, copy-on-write, swapping, prefix caching.
+
+Plain Python over block ids; the tensors behind the ids live in the cache engine.
+Every mutation that needs data moved returns or records an explicit {src: dst}
+mapping for the cache engine to execute.
+"""
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from engine.sequence import Sequence, SequenceGroup, SequenceStatus
+
+
+class BlockPool:
+    """The blocks of one device with their reference counts.
+
+    Free blocks wait in least-recently-freed order, so a freed block that still
+    holds a cached prefix is the last to be reused (LRU eviction).
+    """
+
+    def __init__(self, num_blocks: int) -> None:
+        self.num_blocks = num_blocks
+        self.ref_counts = [0] * num_blocks
+        self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def allocate(self) -> int:
+        if not self._free:
+            raise RuntimeError("block pool exhausted; callers must check num_free first")
+        block, _ = self._free.popitem(last=False)
+        self.ref_counts[block] = 1
+        return block
+
+    def incref(self, block: int) -> None:
+        if self.ref_counts[block] == 0:
+            del self._free[block]
+        self.ref_counts[block] += 1
+
+    def decref(self, block: int) -> None:
+        self.ref_counts[block] -= 1
+        if self.ref_counts[block] == 0:
+            self._free[block] = None
+
+
+@dataclass(slots=True)
+class CachedBlock:
+    """What a cached block holds: its chain hash, its parent block and its tokens."""
+
+    block_hash: int
+    parent: int | None
+    tokens: tuple[int, ...]
+
+
+class BlockManager:
+    def __init__(
+        self,
+        block_size: int,
+        num_device_blocks: int,
+        num_cpu_blocks: int,
+        enable_prefix_caching: bool = True,
+    ) -> None:
+        self.block_size = block_size
+        self.device = BlockPool(num_device_blocks)
+        self.cpu = BlockPool(num_cpu_blocks)
+        self.enable_prefix_caching = enable_prefix_caching
+        self._cached: dict[int, CachedBlock] = {}
+        self._by_hash: dict[int, int] = {}
+        self.num_cow_copies = 0
+        self.num_queried_tokens = 0
+        self.num_hit_tokens = 0
+
+    # ---- sizing -------------------------------------------------------------
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def num_new_blocks(self, seq: Sequence, num_new_tokens: int) -> int:
+        """Device blocks needed to write `num_new_tokens` more tokens into `seq`."""
+        needed = self.blocks_for(seq.num_computed_tokens + num_new_tokens) - len(seq.block_table)
+        return max(needed, 0) + int(self._needs_cow(seq))
+
+    def _needs_cow(self, seq: Sequence) -> bool:
+        offset = seq.num_computed_tokens % self.block_size
+        if offset == 0 or not seq.block_table:
+            return False
+        last = seq.block_table[seq.num_computed_tokens // self.block_size]
+        return self.device.ref_counts[last] > 1
+
+    # ---- allocation ---------------------------------------------------------
+
+    def allocate_slots(self, seq: Sequence, num_new_tokens: int, copies: dict[int, int]) -> None:
+        """Give `seq` room for `num_new_tokens`; a shared partly filled block is copied first."""
+        if self._needs_cow(seq):
+            idx = seq.num_computed_tokens // self.block_size
+            src = seq.block_table[idx]
+            dst = self._allocate_device()
+            self.device.decref(src)
+            seq.block_table[idx] = dst
+            copies[src] = dst
+            self.num_cow_copies += 1
+        target = self.blocks_for(seq.num_computed_tokens + num_new_tokens)
+        while len(seq.block_table) < target:
+            seq.block_table.append(self._allocate_device())
+
+    def free(self, seq: Sequence) -> None:
+        pool = self.cpu if seq.status is SequenceStatus.SWAPPED else self.device
+        for block in seq.block_table:
+            pool.decref(block)
+        seq.block_table = []
+
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        child.block_table = list(parent.block_table)
+        for block in child.block_table:
+            self.device.incref(block)
+
+    def _allocate_device(self) -> int:
+        block = self.device.allocate()
+        cached = self._cached.pop(block, None)
+        if cached is not None:
+            del self._by_hash[cached.block_hash]
+        return block
+
+    # ---- swapping -----------------------------------------------------------
+
+    def _distinct_blocks(self, group: SequenceGroup) -> list[int]:
+        return list(dict.fromkeys(b for s in group.live_seqs() for b in s.block_table))
+
+    def can_swap_out(self, group: SequenceGroup) -> bool:
+        return len(self._distinct_blocks(group)) <= self.cpu.num_free
+
+    def can_swap_in(self, group: SequenceGroup, reserve: int = 0) -> bool:
+        return len(self._distinct_blocks(group)) + reserve <= self.device.num_free
+
+    def swap_out(self, group: SequenceGroup) -> dict[int, int]:
+        return self._move(group, self.device, self.cpu, self.cpu.allocate)
+
+    def swap_in(self, group: SequenceGroup) -> dict[int, int]:
+        return self._move(group, self.cpu, self.device, self._allocate_device)
+
+    def _move(self, group: SequenceGroup, src: BlockPool, dst: BlockPool, allocate) -> dict[int, int]:
+        """Move every block of the group once, keeping shared blocks shared."""
+        mapping: dict[int, int] = {}
+        for seq in group.live_seqs():
+            new_table = []
+            for block in seq.block_table:
+                if block in mapping:
+                    dst.incref(mapping[block])
+                else:
+                    mapping[block] = allocate()
+                src.decref(block)
+                new_table.append(mapping[block])
+            seq.block_table = new_table
+        return mapping
+
+    # ---- prefix caching -----------------------------------------------------
+
+    def match_prefix(self, seq: Sequence) -> int:
+        """Reuse the cached blocks of the prompt's longest cached prefix; returns tokens hit.
+
+        At least one prompt token is left to compute so the step yields logits.
+        """
+        if not self.enable_prefix_caching or seq.block_table:
+            return 0
+        tokens = seq.token_ids
+        bs = self.block_size
+        parent: int | None = None
+        block_hash: int | None = None
+        for i in range((len(tokens) - 1) // bs):
+            chunk = tuple(tokens[i * bs:(i + 1) * bs])
+            block_hash = self.hash_block(block_hash, chunk)
+            block = self._by_hash.get(block_hash)
+            if block is None:
+                break
+            cached = self._cached[block]
+            # A hash collision must never hand out another prefix's KV.
+            if cached.parent != parent or cached.tokens != chunk:
+                break
+            self.device.incref(block)
+            seq.block_table.append(block)
+            parent = block
+        hit = len(seq.block_table) * bs
+        self.num_queried_tokens += len(tokens)
+        self.num_hit_tokens += hit
+        return hit
+
+    def cache_full_blocks(self, seq: Sequence, num_cached_before: int) -> None:
+        """Register the blocks that became full since `num_cached_before` computed tokens."""
+        if not self.enable_prefix_caching:
+            return
+        bs = self.block_size
+        first, last = num_cached_before // bs, seq.num_computed_tokens // bs
+        for i in range(first, last):
+            block = seq.block_table[i]
+            if block in self._cached:
+                continue
+            parent = seq.block_table[i - 1] if i else None
+            parent_hash = self._cached[parent].block_hash if parent in self._cached else None
+            if i and parent_hash is None:
+                return  # the chain is broken (parent not cached): nothing after it can be
+            chunk = tuple(seq.token_ids[i * bs:(i + 1) * bs])
+            block_hash = self.hash_block(parent_hash, chunk)
+            if block_hash in self._by_hash:
+                continue
+            self._by_hash[block_hash] = block
+            self._cached[block] = CachedBlock(block_hash, parent, chunk)
+
+    @staticmethod
+    def hash_block(parent_hash: int | None, tokens: tuple[int, ...]) -> int:
+        return hash((parent_hash, tokens))
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        return self.num_hit_tokens / self.num_queried_tokens if self.num_queried_tokens else 0.0

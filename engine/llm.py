@@ -1,0 +1,59 @@
+"""LLM: the offline entry point, generate and beam_search over a list of prompts."""
+
+from tqdm import tqdm
+
+from engine.config import EngineConfig
+from engine.llm_engine import LLMEngine, Prompt
+from engine.outputs import RequestOutput
+from engine.sampling_params import BeamSearchParams, SamplingParams
+
+
+class LLM:
+    def __init__(self, model: str = "smollm2-135m", **kwargs) -> None:
+        self.engine = LLMEngine(EngineConfig(model=model, **kwargs))
+        self._next_id = 0
+
+    @property
+    def model_path(self):
+        return self.engine.model_path
+
+    def get_tokenizer(self):
+        return self.engine.get_tokenizer()
+
+    def generate(self, prompts: Prompt | list[Prompt],
+                 params: SamplingParams | list[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        prompts = _as_list(prompts)
+        if not isinstance(params, list):
+            params = [params or SamplingParams()] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"got {len(params)} SamplingParams for {len(prompts)} prompts")
+        return self._run(prompts, params, use_tqdm)
+
+    def beam_search(self, prompts: Prompt | list[Prompt], params: BeamSearchParams,
+                    use_tqdm: bool = False) -> list[RequestOutput]:
+        prompts = _as_list(prompts)
+        return self._run(prompts, [params] * len(prompts), use_tqdm)
+
+    def _run(self, prompts: list[Prompt], params: list, use_tqdm: bool) -> list[RequestOutput]:
+        ids = []
+        for prompt, p in zip(prompts, params, strict=True):
+            request_id = f"llm-{self._next_id}"
+            self._next_id += 1
+            self.engine.add_request(request_id, prompt, p)
+            ids.append(request_id)
+        done: dict[str, RequestOutput] = {}
+        with tqdm(total=len(ids), desc="generate", disable=not use_tqdm) as bar:
+            while len(done) < len(ids):
+                for out in self.engine.step():
+                    if out.finished:
+                        done[out.request_id] = out
+                        bar.update(1)
+        return [done[i] for i in ids]
+
+
+def _as_list(prompts: Prompt | list[Prompt]) -> list[Prompt]:
+    if isinstance(prompts, str) or (isinstance(prompts, list) and prompts
+                                    and isinstance(prompts[0], int)):
+        return [prompts]
+    return list(prompts)

@@ -1,0 +1,320 @@
+"""LLMEngine: requests in, one scheduled model step at a time, RequestOutputs out.
+
+Not thread-safe: one thread drives add_request / abort_request / step.
+"""
+
+import itertools
+import logging
+import random
+import time
+
+import torch
+
+from engine import detokenizer
+from engine.block_manager import BlockManager
+from engine.cache_engine import CacheEngine
+from engine.config import EngineConfig
+from engine.model_loader import load_config, load_model, load_tokenizer, resolve_model_path
+from engine.model_runner import ModelRunner
+from engine.outputs import CompletionOutput, EngineStats, RequestOutput
+from engine.sampler import Sampler
+from engine.sampling_params import BeamSearchParams, SamplingParams
+from engine.scheduler import ScheduledSeq, Scheduler
+from engine.sequence import RequestMetrics, Sequence, SequenceGroup, SequenceStatus
+
+logger = logging.getLogger(__name__)
+
+Prompt = str | list[int]
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.model_path = resolve_model_path(config.model)
+        self.hf_config = load_config(self.model_path)
+        self.tokenizer = load_tokenizer(self.model_path)
+        self.max_model_len = self._max_model_len()
+        device, dtype = config.torch_device, config.torch_dtype
+        backend = config.resolved_attention_backend
+        model = load_model(self.model_path, self.hf_config, self.max_model_len, backend, dtype,
+                           device)
+        self.runner = ModelRunner(model, config.block_size, device)
+        hc = self.hf_config
+        kv_heads, head_dim = hc.num_key_value_heads, model.head_dim
+        block_bytes = CacheEngine.block_bytes(hc.num_hidden_layers, kv_heads, head_dim,
+                                              config.block_size, dtype)
+        num_device_blocks = config.num_device_blocks or self._size_device_pool(block_bytes)
+        num_cpu_blocks = int(config.swap_space_gib * 2**30 // block_bytes)
+        self.cache = CacheEngine(hc.num_hidden_layers, kv_heads, head_dim, config.block_size,
+                                 num_device_blocks, num_cpu_blocks, dtype, device, backend)
+        model.bind_kv_cache(self.cache.device_cache)
+        self.block_manager = BlockManager(config.block_size, num_device_blocks, num_cpu_blocks,
+                                          config.enable_prefix_caching)
+        self.scheduler = Scheduler(config, self.block_manager)
+        self.eos_token_ids = self._eos_token_ids()
+        self.sampler = Sampler(self.eos_token_ids)
+        self.requests: dict[str, SequenceGroup] = {}
+        self._aborted: list[SequenceGroup] = []
+        self._seq_ids = itertools.count()
+        self._rng = random.Random(config.seed)
+        self._counters = {"num_prompt_tokens": 0, "num_generated_tokens": 0,
+                          "peak_num_running": 0, "num_steps": 0}
+        logger.info("KV pool: %d device blocks (%d tokens), %d swap blocks",
+                    num_device_blocks, num_device_blocks * config.block_size, num_cpu_blocks)
+
+    # ---- set-up -------------------------------------------------------------
+
+    def _max_model_len(self) -> int:
+        hc = self.hf_config
+        limit = getattr(hc, "max_position_embeddings", None) or 2048
+        # Attention here is always full: cap at a sliding window so results stay exact.
+        window = getattr(hc, "sliding_window", None)
+        if window and getattr(hc, "use_sliding_window", True):
+            limit = min(limit, window)
+        if self.config.max_model_len is not None:
+            if self.config.max_model_len > limit:
+                raise ValueError(f"max_model_len {self.config.max_model_len} exceeds the "
+                                 f"model's limit of {limit} positions")
+            return self.config.max_model_len
+        return limit
+
+    def _size_device_pool(self, block_bytes: int) -> int:
+        from engine.config import CPU_KV_CACHE_GIB
+
+        return max(int(CPU_KV_CACHE_GIB * 2**30 // block_bytes), 1)
+
+    def _eos_token_ids(self) -> set[int]:
+        ids: set[int] = set()
+        gen_eos = None
+        try:
+            from transformers import GenerationConfig
+
+            gen_eos = GenerationConfig.from_pretrained(self.model_path).eos_token_id
+        except OSError:
+            pass
+        for value in (gen_eos, getattr(self.hf_config, "eos_token_id", None),
+                      self.tokenizer.eos_token_id if self.tokenizer else None):
+            if isinstance(value, int):
+                ids.add(value)
+            elif value:
+                ids.update(value)
+        return ids
+
+    def get_tokenizer(self):
+        return self.tokenizer
+
+    # ---- requests -------------------------------------------------------------
+
+    def add_request(self, request_id: str, prompt: Prompt,
+                    params: SamplingParams | BeamSearchParams | None = None,
+                    priority: int = 0, deadline: float | None = None) -> None:
+        """Queue a request. Bad input raises ValueError naming what is wrong."""
+        params = params or SamplingParams()
+        if request_id in self.requests:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        token_ids = self._tokenize(prompt)
+        if len(token_ids) >= self.max_model_len:
+            raise ValueError(f"prompt has {len(token_ids)} tokens; max_model_len is "
+                             f"{self.max_model_len} (prompt plus at least one new token)")
+        vocab = self.hf_config.vocab_size
+        if any(not 0 <= t < vocab for t in token_ids):
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        seed = getattr(params, "seed", None)
+        group = SequenceGroup(
+            request_id=request_id,
+            prompt=prompt if isinstance(prompt, str) else None,
+            prompt_token_ids=token_ids,
+            params=params,
+            seqs=[],
+            metrics=RequestMetrics(arrival_time=time.time(), num_prompt_tokens=len(token_ids)),
+            priority=priority,
+            deadline=deadline,
+            seed=seed if seed is not None else self._rng.getrandbits(62),
+        )
+        group.seqs.append(self._new_seq(group, 0))
+        self.requests[request_id] = group
+        self.scheduler.add(group)
+
+    def _tokenize(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError(f"checkpoint {self.model_path} has no tokenizer: "
+                                 "pass the prompt as a list of token ids")
+            ids = self.tokenizer.encode(prompt)
+        elif isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
+            ids = list(prompt)
+        else:
+            raise ValueError("prompt must be a str or a list of int token ids")
+        if not ids:
+            raise ValueError("prompt is empty")
+        return ids
+
+    def _new_seq(self, group: SequenceGroup, index: int) -> Sequence:
+        """Sequence `index` of a request; sample i of a seeded request draws with seed + i."""
+        generator = None
+        if isinstance(group.params, SamplingParams) and not group.params.greedy:
+            generator = torch.Generator(self.config.torch_device)
+            generator.manual_seed(group.seed + index)
+        token_ids = group.prompt_token_ids
+        seq = Sequence(next(self._seq_ids), list(token_ids), len(token_ids), generator, index)
+        if self.tokenizer is not None:
+            detokenizer.start(seq)
+        return seq
+
+    def abort_request(self, request_id: str, reason: str | None = None) -> None:
+        """Stop a request; its final output (finish_reason "abort") comes with the next step."""
+        group = self.requests.get(request_id)
+        if group is None or group in self._aborted:
+            return
+        self.scheduler.remove(group)
+        for seq in group.live_seqs():
+            seq.status = SequenceStatus.FINISHED_ABORTED
+        group.abort_reason = reason or "aborted by the caller"
+        self._aborted.append(group)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    # ---- one step -------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        self._expire_deadlines()
+        sched = self.scheduler.schedule()
+        for group in sched.never_fit:
+            self.abort_request(group.request_id, group.abort_reason)
+        self.cache.swap_out(sched.blocks_to_swap_out)
+        self.cache.swap_in(sched.blocks_to_swap_in)
+        self.cache.copy(sched.blocks_to_copy)
+        touched: dict[str, SequenceGroup] = {}
+        if sched.scheduled:
+            logits, sampled = self.runner.execute(sched.scheduled)
+            self._advance(sched.scheduled)
+            self._sample(logits, sampled, touched)
+            self._counters["num_steps"] += 1
+            self._counters["peak_num_running"] = max(self._counters["peak_num_running"],
+                                                     self.scheduler.num_running_seqs())
+        outputs = [self._finish_or_report(g) for g in touched.values()]
+        for group in self._aborted:
+            outputs.append(self._finish_or_report(group))
+        self._aborted.clear()
+        return outputs
+
+    def _expire_deadlines(self) -> None:
+        now = time.time()
+        for group in list(self.requests.values()):
+            if group.deadline is not None and now > group.deadline:
+                self.abort_request(group.request_id, "deadline exceeded")
+
+    def _advance(self, scheduled: list[ScheduledSeq]) -> None:
+        for entry in scheduled:
+            seq = entry.seq
+            before = seq.num_computed_tokens
+            seq.num_computed_tokens += entry.num_tokens
+            self.block_manager.cache_full_blocks(seq, before)
+            self._counters["num_prompt_tokens"] += max(
+                min(seq.num_computed_tokens, seq.prompt_len) - before, 0)
+
+    def _sample(self, logits: torch.Tensor, sampled: list[ScheduledSeq],
+                touched: dict[str, SequenceGroup]) -> None:
+        rows: list[int] = []
+        seqs: list[Sequence] = []
+        params: list[SamplingParams] = []
+        for row, entry in enumerate(sampled):
+            group, seq = entry.group, entry.seq
+            touched[group.request_id] = group
+            if isinstance(group.params, SamplingParams):
+                for s in self._fork_samples(group, seq):
+                    rows.append(row)
+                    seqs.append(s)
+                    params.append(group.params)
+        if seqs:
+            results = self.sampler(logits[rows], seqs, params)
+            for seq, p, res in zip(seqs, params, results, strict=True):
+                self._append_token(seq, p, res.token_id, res.logprob, res.top_logprobs)
+
+    def _fork_samples(self, group: SequenceGroup, seq: Sequence) -> list[Sequence]:
+        """After the prompt, a request with n > 1 forks into n sequences sharing its blocks."""
+        if group.params.n == 1 or len(group.seqs) > 1:
+            return [seq]
+        for i in range(1, group.params.n):
+            child = self._new_seq(group, i)
+            child.num_computed_tokens = seq.num_computed_tokens
+            child.status = SequenceStatus.RUNNING
+            self.block_manager.fork(seq, child)
+            group.seqs.append(child)
+        return group.seqs
+
+    def _append_token(self, seq: Sequence, p: SamplingParams, token: int, logprob: float,
+                      top: dict[int, float] | None) -> None:
+        seq.token_ids.append(token)
+        seq.cumulative_logprob += logprob
+        if p.logprobs is not None:
+            seq.logprobs.append(top or {token: logprob})
+        self._counters["num_generated_tokens"] += 1
+        new_text = detokenizer.update(self.tokenizer, seq) if seq.detok else ""
+        status, reason = self._check_stop(seq, p, token, new_text)
+        if status is not None:
+            self.scheduler.free_seq(seq)
+            seq.status = status
+            seq.stop_reason = reason
+
+    def _check_stop(self, seq: Sequence, p: SamplingParams, token: int, new_text: str):
+        stop = SequenceStatus.FINISHED_STOPPED
+        if seq.num_output_tokens >= p.min_tokens:
+            if not p.ignore_eos and token in self.eos_token_ids:
+                return stop, None
+            if token in p.stop_token_ids:
+                return stop, token
+            if seq.detok is not None:
+                matched = detokenizer.find_stop(seq, new_text, p.stop)
+                if matched is not None:
+                    return stop, matched
+        if seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            return SequenceStatus.FINISHED_LENGTH, None
+        return None, None
+
+    # ---- outputs --------------------------------------------------------------
+
+    def _finish_or_report(self, group: SequenceGroup) -> RequestOutput:
+        m = group.metrics
+        if m.first_token_time is None and any(s.num_output_tokens for s in group.seqs):
+            m.first_token_time = time.time()
+        m.num_generated_tokens = sum(s.num_output_tokens for s in group.seqs)
+        finished = group.is_finished
+        if finished:
+            m.finished_time = time.time()
+            self.scheduler.remove(group)
+            self.requests.pop(group.request_id, None)
+        outputs = [
+            CompletionOutput(
+                index=s.index,
+                text=s.text,
+                token_ids=s.output_token_ids,
+                cumulative_logprob=s.cumulative_logprob,
+                logprobs=s.logprobs if getattr(group.params, "logprobs", None) is not None
+                else None,
+                finish_reason=s.status.finish_reason,
+                stop_reason=s.stop_reason,
+            )
+            for s in sorted(group.seqs, key=lambda s: s.index)
+        ]
+        return RequestOutput(group.request_id, group.prompt, group.prompt_token_ids, outputs,
+                             finished, m, group.abort_reason)
+
+    def stats(self) -> EngineStats:
+        bm, sched = self.block_manager, self.scheduler
+        return EngineStats(
+            num_running=sched.num_running_seqs(),
+            num_waiting=len(sched.waiting),
+            num_swapped=len(sched.swapped),
+            device_blocks_total=bm.device.num_blocks,
+            device_blocks_free=bm.device.num_free,
+            swap_blocks_total=bm.cpu.num_blocks,
+            swap_blocks_free=bm.cpu.num_free,
+            num_preemptions=sched.num_preemptions,
+            num_swapped_out_blocks=sched.num_swapped_out_blocks,
+            num_swapped_in_blocks=sched.num_swapped_in_blocks,
+            num_cow_copies=bm.num_cow_copies,
+            prefix_cache_hit_rate=bm.prefix_cache_hit_rate,
+            **self._counters,
+        )

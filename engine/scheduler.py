@@ -1,0 +1,232 @@
+"""Iteration-level scheduling: which tokens of which sequences run in the next step.
+
+Each step spends a token budget (`max_num_batched_tokens`) on, in order: the
+running requests (a decode token each, or the next chunk of a prompt), the
+swapped requests that fit back, then waiting requests. Prefill chunks and
+decodes share one step. When the device pool cannot hold the step, the least
+important running request is preempted: swapped to the CPU pool, or, when that
+is full or `preemption_mode="recompute"`, freed and requeued for recompute.
+"""
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from engine.block_manager import BlockManager
+from engine.config import EngineConfig
+from engine.sequence import Sequence, SequenceGroup, SequenceStatus
+
+
+@dataclass(slots=True)
+class ScheduledSeq:
+    seq: Sequence
+    group: SequenceGroup
+    num_tokens: int
+
+
+@dataclass(slots=True)
+class SchedulerOutput:
+    scheduled: list[ScheduledSeq] = field(default_factory=list)
+    blocks_to_swap_out: dict[int, int] = field(default_factory=dict)
+    blocks_to_swap_in: dict[int, int] = field(default_factory=dict)
+    blocks_to_copy: dict[int, int] = field(default_factory=dict)
+    preempted: list[SequenceGroup] = field(default_factory=list)
+    never_fit: list[SequenceGroup] = field(default_factory=list)
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(s.num_tokens for s in self.scheduled)
+
+
+class Scheduler:
+    def __init__(self, config: EngineConfig, block_manager: BlockManager) -> None:
+        self.config = config
+        self.bm = block_manager
+        self.waiting: deque[SequenceGroup] = deque()
+        self.running: list[SequenceGroup] = []
+        self.swapped: deque[SequenceGroup] = deque()
+        self.num_preemptions = 0
+        self.num_swapped_out_blocks = 0
+        self.num_swapped_in_blocks = 0
+
+    # ---- queues -------------------------------------------------------------
+
+    def add(self, group: SequenceGroup) -> None:
+        self._enqueue(self.waiting, group)
+
+    @staticmethod
+    def _enqueue(queue: deque[SequenceGroup], group: SequenceGroup) -> None:
+        """Insert in (priority, arrival) order; the common case appends at the tail."""
+        key = group.preemption_key
+        i = len(queue)
+        while i and queue[i - 1].preemption_key > key:
+            i -= 1
+        queue.insert(i, group)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running or self.swapped)
+
+    def num_running_seqs(self) -> int:
+        return sum(len(g.live_seqs()) for g in self.running)
+
+    def remove(self, group: SequenceGroup) -> None:
+        """Take a finished or aborted request out of its queue and free all its blocks."""
+        for queue in (self.running, self.waiting, self.swapped):
+            if group in queue:
+                queue.remove(group)
+        for seq in group.seqs:
+            self.bm.free(seq)
+
+    def free_seq(self, seq: Sequence) -> None:
+        self.bm.free(seq)
+
+    # ---- one step -------------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+        num_seqs = 0
+        self.running.sort(key=lambda g: g.preemption_key)
+        i = 0
+        while i < len(self.running) and budget > 0:
+            group = self.running[i]
+            plan = self._plan_tokens(group, budget)
+            if plan:
+                if not self._make_room(group, plan, out):
+                    break
+                budget -= self._commit(group, plan, out)
+                num_seqs += len(plan)
+            i += 1
+        # Resuming or admitting right after a preemption would only thrash.
+        if not out.preempted:
+            budget, num_seqs = self._resume_swapped(out, budget, num_seqs)
+            if not self.swapped:
+                self._admit_waiting(out, budget, num_seqs)
+        return out
+
+    def _plan_tokens(self, group: SequenceGroup, budget: int) -> list[tuple[Sequence, int]]:
+        seqs = group.live_seqs()
+        needs = [s.num_uncomputed_tokens for s in seqs]
+        if sum(needs) <= budget:
+            return list(zip(seqs, needs, strict=True))
+        if len(seqs) == 1:
+            return [(seqs[0], budget)]
+        # Several sequences (samples or beams) must reach their last token in the same
+        # step to be sampled together, so a partial plan keeps one token back on each.
+        plan = []
+        for seq, need in zip(seqs, needs, strict=True):
+            take = min(need - 1, budget)
+            if take > 0:
+                plan.append((seq, take))
+                budget -= take
+        return plan
+
+    def _blocks_needed(self, plan: list[tuple[Sequence, int]]) -> int:
+        return sum(self.bm.num_new_blocks(seq, n) for seq, n in plan)
+
+    def _make_room(self, group: SequenceGroup, plan: list[tuple[Sequence, int]],
+                   out: SchedulerOutput) -> bool:
+        """Preempt less important requests until `plan` fits; False if `group` itself went."""
+        while self._blocks_needed(plan) > self.bm.device.num_free:
+            victim = self.running[-1]
+            if victim is group and len(self.running) == 1:
+                self.running.remove(group)
+                self._never_fits(group, out)
+                return False
+            self._preempt(victim, out)
+            if victim is group:
+                return False
+        return True
+
+    def _never_fits(self, group: SequenceGroup, out: SchedulerOutput) -> None:
+        """Alone in the pool and still too big: it can never run, so it is aborted."""
+        need = sum(self.bm.blocks_for(s.num_tokens) for s in group.live_seqs())
+        group.abort_reason = (
+            f"request needs {need} KV blocks of {self.bm.block_size} tokens but the device "
+            f"pool holds {self.bm.device.num_blocks}; raise num_device_blocks or shorten it"
+        )
+        out.never_fit.append(group)
+
+    def _commit(self, group: SequenceGroup, plan: list[tuple[Sequence, int]],
+                out: SchedulerOutput) -> int:
+        for seq, n in plan:
+            self.bm.allocate_slots(seq, n, out.blocks_to_copy)
+            out.scheduled.append(ScheduledSeq(seq, group, n))
+        if group.metrics.first_scheduled_time is None:
+            group.metrics.first_scheduled_time = time.time()
+        return sum(n for _, n in plan)
+
+    def _preempt(self, group: SequenceGroup, out: SchedulerOutput) -> None:
+        self.running.remove(group)
+        out.preempted.append(group)
+        self.num_preemptions += 1
+        group.metrics.num_preemptions += 1
+        if self.config.preemption_mode == "swap" and self.bm.can_swap_out(group):
+            mapping = self.bm.swap_out(group)
+            out.blocks_to_swap_out.update(mapping)
+            self.num_swapped_out_blocks += len(mapping)
+            group.metrics.num_swapped_out_blocks += len(mapping)
+            for seq in group.live_seqs():
+                seq.status = SequenceStatus.SWAPPED
+            self.swapped.append(group)
+            return
+        for seq in group.live_seqs():
+            group.metrics.num_recomputed_tokens += seq.num_computed_tokens
+            self.bm.free(seq)
+            seq.num_computed_tokens = 0
+            seq.status = SequenceStatus.WAITING
+        self._enqueue(self.waiting, group)
+
+    def _resume_swapped(self, out: SchedulerOutput, budget: int, num_seqs: int) -> tuple[int, int]:
+        """Bring swapped requests back, oldest first, as soon as their blocks fit."""
+        while self.swapped and budget > 0:
+            group = self.swapped[0]
+            seqs = group.live_seqs()
+            if num_seqs + len(seqs) > self.config.max_num_seqs:
+                break
+            plan = self._plan_tokens(group, budget)
+            # Room for the step's new blocks, plus one copy-on-write block per sequence.
+            reserve = sum(
+                max(self.bm.blocks_for(s.num_computed_tokens + n) - len(s.block_table), 0) + 1
+                for s, n in plan
+            )
+            if not plan or not self.bm.can_swap_in(group, reserve):
+                break
+            self.swapped.popleft()
+            mapping = self.bm.swap_in(group)
+            out.blocks_to_swap_in.update(mapping)
+            self.num_swapped_in_blocks += len(mapping)
+            group.metrics.num_swapped_in_blocks += len(mapping)
+            for seq in seqs:
+                seq.status = SequenceStatus.RUNNING
+            self.running.append(group)
+            budget -= self._commit(group, plan, out)
+            num_seqs += len(plan)
+        return budget, num_seqs
+
+    def _admit_waiting(self, out: SchedulerOutput, budget: int, num_seqs: int) -> None:
+        while self.waiting and budget > 0:
+            group = self.waiting[0]
+            seqs = group.live_seqs()
+            if num_seqs + len(seqs) > self.config.max_num_seqs:
+                break
+            if sum(self.bm.blocks_for(s.num_tokens + 1) for s in seqs) > self.bm.device.num_blocks:
+                self.waiting.popleft()
+                self._never_fits(group, out)
+                continue
+            for seq in seqs:
+                hit = self.bm.match_prefix(seq)
+                seq.num_computed_tokens = hit
+                group.metrics.num_cached_tokens = max(group.metrics.num_cached_tokens, hit)
+            plan = self._plan_tokens(group, budget)
+            if not plan or self._blocks_needed(plan) > self.bm.device.num_free:
+                for seq in seqs:
+                    self.bm.free(seq)
+                    seq.num_computed_tokens = 0
+                break
+            self.waiting.popleft()
+            for seq in seqs:
+                seq.status = SequenceStatus.RUNNING
+            self.running.append(group)
+            budget -= self._commit(group, plan, out)
+            num_seqs += len(plan)
