@@ -1,0 +1,116 @@
+"""Plain records of jobs, detached from the SQL session that loaded them."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from worker.models import Job, JobStatus, Metrics, Output
+
+
+@dataclass(slots=True)
+class Completion:
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+    stop_reason: str | None = None
+    cumulative_logprob: float | None = None
+
+    @classmethod
+    def from_row(cls, row: Output) -> Completion:
+        return cls(row.index, row.text, list(row.token_ids), row.finish_reason,
+                   row.stop_reason, row.cumulative_logprob)
+
+
+@dataclass(slots=True)
+class JobMetrics:
+    """Token metrics of one attempt. Times are seconds since the job was submitted."""
+
+    attempt: int
+    queue_time_s: float | None
+    ttft_s: float | None
+    tpot_s: float | None
+    e2e_s: float
+    prompt_tokens: int
+    generated_tokens: int
+    cached_tokens: int
+    preemptions: int
+    swapped_out_blocks: int
+    swapped_in_blocks: int
+    worker: str | None = None
+
+    @classmethod
+    def from_row(cls, row: Metrics) -> JobMetrics:
+        return cls(row.attempt, row.queue_time_s, row.ttft_s, row.tpot_s, row.e2e_s,
+                   row.prompt_tokens, row.generated_tokens, row.cached_tokens, row.preemptions,
+                   row.swapped_out_blocks, row.swapped_in_blocks, row.worker)
+
+
+@dataclass(slots=True)
+class JobRecord:
+    """A job as a producer sees it: state, outputs and the metrics of its last attempt."""
+
+    id: str
+    status: JobStatus
+    queue: str
+    priority: int
+    attempts: int
+    cancel_requested: bool
+    worker: str | None
+    error: str | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    outputs: list[Completion] = field(default_factory=list)
+    metrics: JobMetrics | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.status.finished
+
+    @property
+    def text(self) -> str:
+        """The first completion's text, the usual answer when n == 1."""
+        return self.outputs[0].text if self.outputs else ""
+
+    @classmethod
+    def from_row(cls, row: Job) -> JobRecord:
+        return cls(
+            id=row.id, status=row.status, queue=row.queue, priority=row.priority,
+            attempts=row.attempts, cancel_requested=row.cancel_requested, worker=row.worker,
+            error=row.error, created_at=row.created_at, started_at=row.started_at,
+            finished_at=row.finished_at,
+            outputs=[Completion.from_row(o) for o in row.outputs],
+            metrics=JobMetrics.from_row(row.metrics[-1]) if row.metrics else None,
+        )
+
+
+@dataclass(slots=True)
+class JobSpec:
+    """What a worker needs to run a job it has claimed."""
+
+    id: str
+    attempt: int
+    prompt: str | list[int]
+    params: dict[str, Any]
+    priority: int
+    chat: bool
+    deadline_s: float | None
+    created_at: datetime
+
+
+class ClaimOutcome(enum.Enum):
+    CLAIMED = "claimed"
+    MISSING = "missing"  # no such row: the producer gave up on it
+    FINISHED = "finished"  # a duplicate delivery of a job already done
+    CANCELLED = "cancelled"  # cancelled before it could start
+    EXHAUSTED = "exhausted"  # too many attempts; now failed
+
+
+@dataclass(slots=True)
+class Claim:
+    outcome: ClaimOutcome
+    spec: JobSpec | None = None

@@ -1,0 +1,118 @@
+"""All configuration of the worker side, read from `PAGEDQ_*` environment variables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "PAGEDQ_"
+
+# Engine knobs are passed to EngineConfig under these exact names.
+ENGINE_FIELDS = (
+    "model", "dtype", "device", "block_size", "num_device_blocks", "swap_space_gib",
+    "max_num_seqs", "max_num_batched_tokens", "max_model_len", "preemption_mode",
+    "enable_prefix_caching", "attention_backend", "seed",
+)
+
+
+class SettingsError(ValueError):
+    """A `PAGEDQ_*` variable has a bad value; the message names the variable."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
+
+    # Where jobs travel and where results land.
+    broker_url: str = "redis://127.0.0.1:6379/0"
+    # The embedded default is a SQLite file in the working directory, so that
+    # `pagedq run` works with nothing else installed.
+    database_url: str = "sqlite:///pagedq.db"
+
+    # Engine (the names and defaults of engine.EngineConfig).
+    model: str = "smollm2-135m"
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    device: str = "auto"
+    block_size: int = Field(16, gt=0)
+    num_device_blocks: int | None = Field(None, gt=0)
+    swap_space_gib: float = Field(4.0, ge=0)
+    max_num_seqs: int = Field(256, gt=0)
+    max_num_batched_tokens: int = Field(4096, gt=0)
+    max_model_len: int | None = Field(None, gt=0)
+    preemption_mode: Literal["swap", "recompute"] = "swap"
+    enable_prefix_caching: bool = True
+    attention_backend: Literal["auto", "torch", "triton"] = "auto"
+    seed: int = 0
+
+    # Queues: the worker always drains interactive before bulk.
+    interactive_queue: str = Field("pagedq.interactive", min_length=1)
+    bulk_queue: str = Field("pagedq.bulk", min_length=1)
+    # Threads of the worker pool; None means max_num_seqs, so that every
+    # sequence slot of the engine can hold a job.
+    worker_concurrency: int | None = Field(None, gt=0)
+
+    # Redis redelivers a message unacked for this long, even to a live worker,
+    # so it must exceed the longest generation (the job deadline) with room.
+    visibility_timeout_s: float = Field(3600.0, gt=0)
+    job_deadline_s: float = Field(600.0, gt=0)
+    max_attempts: int = Field(3, gt=0)
+    max_prompt_chars: int = Field(1_000_000, gt=0)
+
+    flower_address: str = "127.0.0.1"
+    flower_port: int = Field(5555, ge=0, le=65535)
+    flower_user: str = "admin"
+    flower_password: SecretStr | None = None
+
+    @field_validator("database_url")
+    @classmethod
+    def _psycopg_driver(cls, url: str) -> str:
+        # psycopg 3 is the installed driver; plain postgresql:// would ask
+        # SQLAlchemy for psycopg2.
+        for scheme in ("postgresql://", "postgres://"):
+            if url.startswith(scheme):
+                return "postgresql+psycopg://" + url[len(scheme):]
+        return url
+
+    @model_validator(mode="after")
+    def _redelivery_after_deadline(self) -> Settings:
+        if self.visibility_timeout_s <= self.job_deadline_s:
+            raise ValueError(
+                f"{ENV_PREFIX}VISIBILITY_TIMEOUT_S ({self.visibility_timeout_s:g}) must "
+                f"exceed {ENV_PREFIX}JOB_DEADLINE_S ({self.job_deadline_s:g}), or Redis "
+                "redelivers jobs that are still running"
+            )
+        if self.interactive_queue == self.bulk_queue:
+            raise ValueError(
+                f"{ENV_PREFIX}INTERACTIVE_QUEUE and {ENV_PREFIX}BULK_QUEUE must differ"
+            )
+        return self
+
+    def engine_kwargs(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in ENGINE_FIELDS}
+
+    @property
+    def concurrency(self) -> int:
+        return self.worker_concurrency or self.max_num_seqs
+
+    @property
+    def sqlite_path(self) -> Path | None:
+        """The database file when the database is a SQLite file, else None."""
+        prefix = "sqlite:///"
+        if not self.database_url.startswith(prefix) or ":memory:" in self.database_url:
+            return None
+        return Path(self.database_url[len(prefix):].split("?", 1)[0])
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read the settings, turning a validation error into one naming the variables."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            field = str(error["loc"][0]) if error["loc"] else ""
+            where = ENV_PREFIX + field.upper() if field else "settings"
+            problems.append(f"{where}: {error['msg']}")
+        raise SettingsError("bad configuration: " + "; ".join(problems)) from None
