@@ -6,6 +6,7 @@ mapping for the cache engine to execute.
 """
 
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from engine.sequence import Sequence, SequenceGroup, SequenceStatus
@@ -140,7 +141,8 @@ class BlockManager:
     def swap_in(self, group: SequenceGroup) -> dict[int, int]:
         return self._move(group, self.cpu, self.device, self._allocate_device)
 
-    def _move(self, group: SequenceGroup, src: BlockPool, dst: BlockPool, allocate) -> dict[int, int]:
+    def _move(self, group: SequenceGroup, src: BlockPool, dst: BlockPool,
+              allocate: Callable[[], int]) -> dict[int, int]:
         """Move every block of the group once, keeping shared blocks shared."""
         mapping: dict[int, int] = {}
         for seq in group.live_seqs():
