@@ -16,6 +16,7 @@ with their log-sum-exp; a second kernel merges them (flash-decoding).
 import functools
 import math
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -24,10 +25,22 @@ from torch import Tensor
 
 _LOG2E = 1.4426950408889634
 _DOT_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
-# Rows of a query block for prefill; decode uses the 16 rows tl.dot needs at least.
-_PREFILL_ROWS = 64
-_DECODE_ROWS = 16
-_TILE_N = 32
+
+
+@dataclass(frozen=True)
+class _Shape:
+    """Launch shape of one mode: query rows per program, key tile, warps, pipeline depth."""
+
+    rows: int
+    tile_n: int
+    num_warps: int
+    num_stages: int
+
+
+# Decode packs a token's query-head group into the 16 rows tl.dot needs at least;
+# prefill takes more tokens per program to reuse each key tile across them.
+_DECODE = _Shape(rows=16, tile_n=64, num_warps=4, num_stages=3)
+_PREFILL = _Shape(rows=64, tile_n=32, num_warps=4, num_stages=3)
 # Splitting stops once the grid holds this many programs per multiprocessor,
 # and a split gets at least this many keys (fewer would cost more to merge).
 _PROGRAMS_PER_SM = 8
@@ -282,18 +295,20 @@ def paged_attention(
     group = num_heads // num_kv_heads
     query = _last_dim_contiguous(query)
 
-    block_m = max(_DECODE_ROWS, triton.next_power_of_2(group))
+    # A query block holds rows // group tokens; when every sequence's new tokens
+    # fit one block (decode), program i takes sequence i and no search is needed.
+    block_m = max(_DECODE.rows, triton.next_power_of_2(group))
     one_block_per_seq = max_query_len <= block_m // group
-    if not one_block_per_seq:
-        block_m = max(_PREFILL_ROWS, block_m)
-    block_q = block_m // group
     if one_block_per_seq:
+        shape = _DECODE
         num_q_blocks = num_seqs
         if num_splits is None:
             num_splits = _choose_splits(num_seqs * num_kv_heads, max_seq_len, query.device)
     else:
-        # Every sequence can start one partly filled block: at most num_seqs more.
-        num_q_blocks = num_tokens // block_q + num_seqs
+        shape = _PREFILL
+        block_m = max(shape.rows, block_m)
+        # Each sequence may end in one partly filled block: at most num_seqs more.
+        num_q_blocks = num_tokens // (block_m // group) + num_seqs
         num_splits = 1
     block_d = triton.next_power_of_2(head_dim)
 
@@ -315,9 +330,10 @@ def paged_attention(
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0),
         NUM_HEADS=num_heads, GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d,
-        BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_Q=block_q, TILE_N=_TILE_N,
-        NUM_SPLITS=num_splits, ONE_BLOCK_PER_SEQ=one_block_per_seq,
+        BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_Q=block_m // group,
+        TILE_N=shape.tile_n, NUM_SPLITS=num_splits, ONE_BLOCK_PER_SEQ=one_block_per_seq,
         DOT_DTYPE=dot_dtype, DOT_PRECISION=precision,
+        num_warps=shape.num_warps, num_stages=shape.num_stages,
     )  # fmt: skip
     if num_splits > 1:
         _merge_splits_kernel[(num_tokens, num_heads)](
