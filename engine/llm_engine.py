@@ -186,13 +186,13 @@ class LLMEngine:
         self.cache.swap_in(sched.blocks_to_swap_in)
         self.cache.copy(sched.blocks_to_copy)
         touched: dict[str, SequenceGroup] = {}
+        self._counters["peak_num_running"] = max(self._counters["peak_num_running"],
+                                                 self.scheduler.num_running_seqs())
         if sched.scheduled:
             logits, sampled = self.runner.execute(sched.scheduled)
             self._advance(sched.scheduled)
             self._sample(logits, sampled, touched)
             self._counters["num_steps"] += 1
-            self._counters["peak_num_running"] = max(self._counters["peak_num_running"],
-                                                     self.scheduler.num_running_seqs())
         outputs = [self._finish_or_report(g) for g in touched.values()]
         for group in self._aborted:
             outputs.append(self._finish_or_report(group))

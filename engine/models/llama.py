@@ -42,13 +42,15 @@ class RotaryEmbedding(nn.Module):
         if rope_type not in SUPPORTED_ROPE_TYPES:
             raise ValueError(f"unsupported rope_type {rope_type!r}; pagedq supports "
                              f"{', '.join(SUPPORTED_ROPE_TYPES)}")
-        if rope_type == "default":
-            exponent = torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim
-            inv_freq, scaling = 1.0 / (rope["rope_theta"] ** exponent), 1.0
-        else:
-            inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, torch.device("cpu"))
-        freqs = torch.arange(max_len, dtype=torch.float)[:, None] * inv_freq[None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)
+        # Computed on the CPU even when the model is being built on the meta device.
+        with torch.device("cpu"):
+            if rope_type == "default":
+                exponent = torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim
+                inv_freq, scaling = 1.0 / (rope["rope_theta"] ** exponent), 1.0
+            else:
+                inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, torch.device("cpu"))
+            freqs = torch.arange(max_len, dtype=torch.float)[:, None] * inv_freq[None, :]
+            emb = torch.cat((freqs, freqs), dim=-1)
         self.register_buffer("cos", emb.cos() * scaling, persistent=False)
         self.register_buffer("sin", emb.sin() * scaling, persistent=False)
 
