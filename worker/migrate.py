@@ -43,8 +43,9 @@ def _migration_lock(connection: Connection, sqlite_path: Path | None) -> Iterato
             connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": ADVISORY_LOCK_KEY})
             connection.commit()
     elif sqlite_path is not None:
-        lock_path = sqlite_path.with_name(sqlite_path.name + ".migrate.lock")
-        with lock_path.open("a") as handle:
+        # flock on the database file itself: SQLite's own locks are fcntl
+        # byte-range locks, which flock does not touch on Linux.
+        with sqlite_path.open("a") as handle:
             fcntl.flock(handle, fcntl.LOCK_EX)
             try:
                 yield

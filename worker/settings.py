@@ -35,7 +35,7 @@ class Settings(BaseSettings):
     model: str = "smollm2-135m"
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     device: str = "auto"
-    block_size: int = Field(16, gt=0)
+    block_size: Literal[8, 16, 32, 64] = 16
     num_device_blocks: int | None = Field(None, gt=0)
     swap_space_gib: float = Field(4.0, ge=0)
     max_num_seqs: int = Field(256, gt=0)
@@ -112,7 +112,9 @@ def load_settings(**overrides: Any) -> Settings:
     except ValidationError as exc:
         problems = []
         for error in exc.errors():
-            field = str(error["loc"][0]) if error["loc"] else ""
-            where = ENV_PREFIX + field.upper() if field else "settings"
-            problems.append(f"{where}: {error['msg']}")
+            cause = error.get("ctx", {}).get("error")
+            message = str(cause) if isinstance(cause, ValueError) else error["msg"]
+            if error["loc"]:
+                message = f"{ENV_PREFIX}{str(error['loc'][0]).upper()}: {message}"
+            problems.append(message)
         raise SettingsError("bad configuration: " + "; ".join(problems)) from None

@@ -106,18 +106,19 @@ class JobStore:
     def request_cancel(self, job_id: str) -> JobStatus | None:
         """Cancel a queued job at once; flag a running one for its worker to abort.
 
-        Returns the status after the call (None: no such job)."""
+        Returns the status the job had before (None: no such job)."""
         now = utcnow()
         with self._session() as session, session.begin():
             job = session.get(Job, job_id, with_for_update=True)
             if job is None:
                 return None
-            if job.status is JobStatus.QUEUED:
+            before = job.status
+            if before is JobStatus.QUEUED:
                 job.status = JobStatus.CANCELLED
                 job.finished_at = now
-            elif job.status is JobStatus.RUNNING:
+            elif before is JobStatus.RUNNING:
                 job.cancel_requested = True
-            return job.status
+            return before
 
     # -- worker side -----------------------------------------------------
 

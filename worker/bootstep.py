@@ -1,0 +1,75 @@
+"""Worker bootstep: one engine per worker process, its state in `inspect stats`.
+
+The engine is built inside the worker process, after Celery has started
+(never before a fork: CUDA cannot be initialised again in a forked child),
+and before the consumer takes its first message. WorkController.stats()
+merges every bootstep's info(), which is how Flower's worker page and
+`celery inspect stats` show the engine's live state.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import bootsteps
+from celery.worker.control import control_command
+
+from worker.celery_app import CANCEL_COMMAND, PagedqCelery
+from worker.engine_service import EngineService
+from worker.executor import RESULT_GRACE_S, JobRunner
+from worker.migrate import check_current
+from worker.store import JobStore
+
+log = logging.getLogger(__name__)
+
+
+class EngineStep(bootsteps.StartStopStep):
+    requires = {"celery.worker.components:Pool"}
+
+    def __init__(self, parent: Any, **kwargs: Any) -> None:
+        super().__init__(parent, **kwargs)
+        self.runner: JobRunner | None = None
+
+    def start(self, parent: Any) -> None:
+        app: PagedqCelery = parent.app
+        settings = app.settings
+        store = JobStore.from_url(settings.database_url, pool_size=min(settings.concurrency, 16))
+        check_current(store.engine)
+
+        def build() -> Any:
+            from engine import EngineConfig, LLMEngine
+
+            return LLMEngine(EngineConfig(**settings.engine_kwargs()))
+
+        service = EngineService(build)
+        log.info("starting the engine on %s", settings.model)
+        service.start()
+        self.runner = app.runner = JobRunner(store, service, settings)
+        log.info("engine ready")
+
+    def stop(self, parent: Any) -> None:
+        if self.runner is None:
+            return
+        # The consumer has stopped taking messages; let the jobs already in the
+        # engine finish so their threads can record them.
+        self.runner.service.stop(timeout=self.runner.settings.job_deadline_s + RESULT_GRACE_S)
+        self.runner.store.close()
+        parent.app.runner = self.runner = None
+
+    def info(self, parent: Any) -> dict[str, Any]:
+        return {"engine": self.runner.service.stats() if self.runner else {}}
+
+
+@control_command(name=CANCEL_COMMAND, args=[("job_id", str)], signature="<job_id>")
+def cancel_job(state: Any, job_id: str) -> dict[str, str]:
+    """Abort a job's request in this worker's engine (a no-op if it holds none)."""
+    runner = state.consumer.app.runner
+    if runner is None:
+        return {"error": "no engine in this worker"}
+    runner.service.cancel(job_id)
+    return {"ok": f"cancel sent for {job_id}"}
+
+
+def install(app: PagedqCelery) -> None:
+    app.steps["worker"].add(EngineStep)

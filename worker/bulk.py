@@ -1,0 +1,153 @@
+"""Bulk jobs over a JSONL file, through the queue (`batch`) or in-process (`run`).
+
+Both write every job to SQL with an idempotency key derived from the
+document, so a re-run of the same file finds the jobs of the earlier run
+instead of redoing them, and skips the ids already in the output file.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol, TextIO
+
+from tqdm import tqdm
+
+from worker.client import Client
+from worker.documents import (
+    BadLine,
+    Document,
+    JobOptions,
+    finished_ids,
+    read_documents,
+    result_line,
+)
+from worker.executor import JobRunner
+from worker.models import JobStatus
+from worker.records import JobRecord
+
+POLL_S = 0.2
+
+
+class Backend(Protocol):
+    def submit(self, documents: list[Document]) -> list[str]: ...
+    def results(self, job_ids: list[str]) -> Iterator[JobRecord]: ...
+
+
+class QueueBackend:
+    """Jobs go through Redis to whatever workers are running."""
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+
+    def submit(self, documents: list[Document]) -> list[str]:
+        return self.client.submit_many([d.request for d in documents])
+
+    def results(self, job_ids: list[str]) -> Iterator[JobRecord]:
+        pending = set(job_ids)
+        while pending:
+            finished = self.client.store.get_many(pending, finished_only=True)
+            for record in finished:
+                pending.discard(record.id)
+                yield record
+            if pending and not finished:
+                time.sleep(POLL_S)
+
+
+class LocalBackend:
+    """Jobs run in this process on a thread pool, through the same JobRunner as a worker."""
+
+    def __init__(self, runner: JobRunner, threads: int) -> None:
+        self.runner = runner
+        self.threads = threads
+
+    def submit(self, documents: list[Document]) -> list[str]:
+        return [s.job_id for s in self.runner.store.create([d.request for d in documents])]
+
+    def results(self, job_ids: list[str]) -> Iterator[JobRecord]:
+        with ThreadPoolExecutor(self.threads, thread_name_prefix="pagedq-job") as pool:
+            futures = {pool.submit(self.runner.run, job_id, "local"): job_id for job_id in job_ids}
+            for future in as_completed(futures):
+                future.result()
+                record = self.runner.store.get(futures[future])
+                assert record is not None
+                yield record
+
+
+@dataclass(slots=True)
+class Summary:
+    requests: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    skipped_lines: int = 0
+    already_done: int = 0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    wall_s: float = 0.0
+    ttfts: list[float] = field(default_factory=list)
+
+    def add(self, record: JobRecord) -> None:
+        self.requests += 1
+        if record.status is JobStatus.SUCCEEDED:
+            self.succeeded += 1
+        else:
+            self.failed += 1
+        if record.metrics is not None:
+            self.prompt_tokens += record.metrics.prompt_tokens
+            self.generated_tokens += record.metrics.generated_tokens
+            if record.metrics.ttft_s is not None:
+                self.ttfts.append(record.metrics.ttft_s)
+
+    def table(self) -> str:
+        rate = self.generated_tokens / self.wall_s if self.wall_s > 0 else 0.0
+        ttft = f"{sum(self.ttfts) / len(self.ttfts):.3f} s" if self.ttfts else "-"
+        rows = [
+            ("requests", f"{self.requests} ({self.succeeded} succeeded, {self.failed} failed)"),
+            ("already done", str(self.already_done)),
+            ("skipped lines", str(self.skipped_lines)),
+            ("prompt tokens", str(self.prompt_tokens)),
+            ("generated tokens", str(self.generated_tokens)),
+            ("wall time", f"{self.wall_s:.2f} s"),
+            ("tokens/s", f"{rate:.1f}"),
+            ("mean TTFT", ttft),
+        ]
+        width = max(len(name) for name, _ in rows)
+        rule = "-" * (width + 2 + max(len(value) for _, value in rows))
+        return "\n".join([rule, *(f"{name:<{width}}  {value}" for name, value in rows), rule])
+
+
+def run_bulk(docs: Path, out: Path, options: JobOptions, backend: Backend,
+             errors: TextIO = sys.stderr, progress: bool = True) -> Summary:
+    summary = Summary()
+    done = finished_ids(out)
+    todo: list[Document] = []
+    for item in read_documents(docs, options):
+        if isinstance(item, BadLine):
+            summary.skipped_lines += 1
+            print(f"{docs}: {item} (skipped)", file=errors)
+        elif item.id in done:
+            summary.already_done += 1
+        else:
+            todo.append(item)
+    started = time.perf_counter()
+    job_ids = backend.submit(todo)
+    doc_ids = {job_id: doc.id for job_id, doc in zip(job_ids, todo, strict=True)}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("a", encoding="utf-8") as sink, \
+            tqdm(total=len(todo), desc="documents", unit="doc", disable=not progress) as bar:
+        for record in backend.results(list(doc_ids)):
+            summary.add(record)
+            bar.update(1)
+            if record.status is JobStatus.SUCCEEDED:
+                sink.write(json.dumps(result_line(doc_ids[record.id], record)) + "\n")
+                sink.flush()  # a crash loses at most the line being written
+            else:
+                print(f"document {doc_ids[record.id]!r}: {record.status.value}: {record.error}",
+                      file=errors)
+    summary.wall_s = time.perf_counter() - started
+    return summary

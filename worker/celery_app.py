@@ -1,0 +1,73 @@
+"""The Celery application shared by producers (client, CLI) and the worker."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from celery import Celery
+from kombu import Queue
+
+from worker.schemas import QueueKind
+from worker.settings import Settings
+
+if TYPE_CHECKING:
+    from worker.executor import JobRunner
+
+TASK_NAME = "pagedq.generate"
+CANCEL_COMMAND = "pagedq_cancel"
+
+
+class PagedqCelery(Celery):
+    """Celery plus what the pagedq task needs at run time."""
+
+    settings: Settings
+    # Set by the engine bootstep in a worker process; None in producers.
+    runner: JobRunner | None = None
+
+    def queue_name(self, kind: QueueKind) -> str:
+        return {QueueKind.INTERACTIVE: self.settings.interactive_queue,
+                QueueKind.BULK: self.settings.bulk_queue}[kind]
+
+
+def create_app(settings: Settings) -> PagedqCelery:
+    app = PagedqCelery("pagedq", broker=settings.broker_url, set_as_current=False)
+    app.settings = settings
+    visibility = settings.visibility_timeout_s
+    app.conf.update(
+        broker_transport_options={
+            "visibility_timeout": visibility,
+            # Take queues in the order the worker lists them (interactive first)
+            # instead of kombu's default round robin.
+            "queue_order_strategy": "priority",
+            # One priority level: the engine orders a worker's jobs by priority,
+            # and more Redis levels would let a bulk job overtake interactive ones.
+            "priority_steps": [0],
+            # Look for messages abandoned by a dead worker often enough that they
+            # come back soon after their visibility timeout.
+            "unacked_restore_interval": max(1, min(10, int(visibility / 10))),
+            "unacked_restore_throttle": 1,
+        },
+        broker_connection_retry_on_startup=True,
+        broker_connection_timeout=5,
+        # A producer fails fast with a clear error when Redis is down instead
+        # of hanging a web request.
+        task_publish_retry_policy={"max_retries": 2, "interval_start": 0,
+                                   "interval_step": 0.5, "interval_max": 1},
+        task_serializer="json",
+        accept_content=["json"],
+        task_ignore_result=True,  # results live in SQL
+        task_acks_late=True,
+        worker_prefetch_multiplier=1,
+        task_send_sent_event=True,
+        worker_send_task_events=True,
+        task_queues=[Queue(settings.interactive_queue), Queue(settings.bulk_queue)],
+        task_default_queue=settings.interactive_queue,
+        task_create_missing_queues=False,
+        # A threads-pool task cannot be killed, and the job is redelivered by
+        # Redis anyway; let running jobs finish instead of warning about it.
+        worker_cancel_long_running_tasks_on_connection_loss=False,
+    )
+    from worker.tasks import register_tasks
+
+    register_tasks(app)
+    return app

@@ -1,0 +1,174 @@
+"""`pagedq`: migrate, worker, flower, batch (through the queue) and run (in-process)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from worker.documents import DEFAULT_TEMPLATE, JobOptions, check_template
+from worker.schemas import QueueKind
+from worker.settings import Settings, SettingsError, load_settings
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        overrides = {"model": args.model} if getattr(args, "model", None) else {}
+        settings = load_settings(**overrides)
+        return args.command(settings, args) or 0
+    except (SettingsError, ValueError) as exc:
+        print(f"pagedq: {exc}", file=sys.stderr)
+        return 2
+
+
+def _migrate(settings: Settings, args: argparse.Namespace) -> int:
+    from worker.migrate import run_alembic
+
+    if args.downgrade:
+        run_alembic(settings.database_url, args.downgrade, downgrade=True)
+    else:
+        run_alembic(settings.database_url, args.revision)
+    return 0
+
+
+def _worker(settings: Settings, args: argparse.Namespace) -> int:
+    from worker.bootstep import install
+    from worker.celery_app import create_app
+
+    app = create_app(settings)
+    install(app)
+    kinds = [QueueKind(kind) for kind in args.queues.split(",")]
+    # Interactive first: the Redis transport takes queues in the order listed.
+    queues = [app.queue_name(kind) for kind in QueueKind if kind in kinds]
+    argv = [
+        "worker",
+        # Threads, never prefork: the one engine lives in this process, and a
+        # forked child could not use CUDA.
+        "--pool=threads",
+        f"--concurrency={args.concurrency or settings.concurrency}",
+        f"--queues={','.join(queues)}",
+        "--task-events",
+        "--without-mingle",
+        "--without-gossip",
+        f"--loglevel={args.loglevel}",
+    ]
+    if args.hostname:
+        argv.append(f"--hostname={args.hostname}")
+    app.worker_main(argv)
+    return 0
+
+
+def _flower(settings: Settings, args: argparse.Namespace) -> int:
+    from worker.flower import run_flower
+
+    updates: dict[str, Any] = {}
+    if args.address:
+        updates["flower_address"] = args.address
+    if args.port is not None:
+        updates["flower_port"] = args.port
+    return run_flower(settings.model_copy(update=updates)) or 0
+
+
+def _job_options(args: argparse.Namespace) -> JobOptions:
+    defaults = {name: value for name, value in
+                (("max_tokens", args.max_tokens), ("temperature", args.temperature))
+                if value is not None}
+    return JobOptions(template=check_template(args.template), chat=args.chat,
+                      queue=QueueKind(args.queue), priority=args.priority, defaults=defaults)
+
+
+def _batch(settings: Settings, args: argparse.Namespace) -> int:
+    from worker.bulk import QueueBackend, run_bulk
+    from worker.client import Client
+
+    with Client(settings) as client:
+        summary = run_bulk(args.docs, args.output, _job_options(args), QueueBackend(client),
+                           progress=not args.quiet)
+    print(summary.table())
+    return 0 if summary.failed == 0 else 1
+
+
+def _run(settings: Settings, args: argparse.Namespace) -> int:
+    from worker.bulk import LocalBackend, run_bulk
+    from worker.engine_service import EngineService
+    from worker.executor import JobRunner
+    from worker.migrate import run_alembic
+    from worker.store import JobStore
+
+    run_alembic(settings.database_url)  # the embedded database needs no separate step
+
+    def build() -> Any:
+        from engine import EngineConfig, LLMEngine
+
+        return LLMEngine(EngineConfig(**settings.engine_kwargs()))
+
+    service = EngineService(build)
+    service.start()
+    store = JobStore.from_url(settings.database_url)
+    try:
+        runner = JobRunner(store, service, settings)
+        summary = run_bulk(args.docs, args.output, _job_options(args),
+                           LocalBackend(runner, settings.concurrency), progress=not args.quiet)
+    finally:
+        service.stop(timeout=settings.job_deadline_s)
+        store.close()
+    print(summary.table())
+    return 0 if summary.failed == 0 else 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pagedq", description="LLM generation jobs: Celery on Redis, results in SQL.",
+        epilog="Configuration comes from PAGEDQ_* environment variables (see the README).")
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    p = commands.add_parser("migrate", help="bring the database schema up to date")
+    p.add_argument("--revision", default="head", help="upgrade to this revision (default head)")
+    p.add_argument("--downgrade", metavar="REVISION", help="downgrade to REVISION (e.g. base)")
+    p.set_defaults(command=_migrate)
+
+    p = commands.add_parser("worker", help="run a GPU worker: one engine, a threads pool")
+    p.add_argument("--concurrency", type=int, help="job threads (default max_num_seqs)")
+    p.add_argument("--queues", default="interactive,bulk",
+                   help="queues to drain, interactive always first (default both)")
+    p.add_argument("--hostname", help="Celery node name, e.g. gpu0@%%h")
+    p.add_argument("--loglevel", default="info")
+    p.add_argument("--model", help="override PAGEDQ_MODEL")
+    p.set_defaults(command=_worker)
+
+    p = commands.add_parser("flower", help="run Flower on this broker")
+    p.add_argument("--address", help="override PAGEDQ_FLOWER_ADDRESS (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="override PAGEDQ_FLOWER_PORT (default 5555)")
+    p.set_defaults(command=_flower)
+
+    for name, func, help_text in (
+        ("batch", _batch, "enqueue every document of a JSONL file, collect the results"),
+        ("run", _run, "process a JSONL file in this process, no broker needed"),
+    ):
+        p = commands.add_parser(name, help=help_text)
+        p.add_argument("docs", type=Path, help="input JSONL: id and prompt, or id and text")
+        p.add_argument("-o", "--output", type=Path, required=True,
+                       help="results JSONL; re-running resumes where it stopped")
+        p.add_argument("--template", default=DEFAULT_TEMPLATE,
+                       help='prompt built from a line\'s fields, e.g. "Summarize: {text}"')
+        p.add_argument("--chat", action="store_true",
+                       help="wrap each prompt in the model's chat template")
+        p.add_argument("--max-tokens", type=int, help="for lines without max_tokens")
+        p.add_argument("--temperature", type=float, help="for lines without temperature")
+        p.add_argument("--priority", type=int, default=0, choices=range(10),
+                       help="0 (first) to 9")
+        p.add_argument("--queue", default=QueueKind.BULK.value,
+                       choices=[kind.value for kind in QueueKind])
+        p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+        if name == "run":
+            p.add_argument("--model", help="override PAGEDQ_MODEL")
+        p.set_defaults(command=func)
+    return parser
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""The producer API: what a web backend or a bulk script calls.
+
+A job is written to SQL first (status queued, id = Celery task id) and
+published second; if publishing fails the row is removed again, so a job
+is either in both places or in neither. Nothing here imports the engine.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from kombu.exceptions import OperationalError as BrokerError
+
+from worker.celery_app import CANCEL_COMMAND, TASK_NAME, create_app
+from worker.models import JobStatus
+from worker.records import JobRecord
+from worker.schemas import GenerationParams, InvalidJob, JobRequest, QueueKind, parse_job
+from worker.settings import Settings, load_settings
+from worker.store import JobStore
+
+POLL_START_S = 0.02
+POLL_MAX_S = 0.5
+
+
+class BrokerUnavailable(RuntimeError):
+    """The job could not be enqueued; nothing was stored either."""
+
+
+class Client:
+    def __init__(self, settings: Settings | None = None) -> None:
+        self.settings = settings or load_settings()
+        self.app = create_app(self.settings)
+        self.store = JobStore.from_url(self.settings.database_url)
+
+    def close(self) -> None:
+        self.store.close()
+        self.app.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def submit(self, prompt: str | list[int],
+               params: GenerationParams | Mapping[str, Any] | None = None, *,
+               priority: int = 0, queue: QueueKind | str = QueueKind.INTERACTIVE,
+               idempotency_key: str | None = None, deadline_s: float | None = None,
+               chat: bool = False) -> str:
+        """Validate, store and enqueue one job; returns its id.
+
+        Raises InvalidJob (naming the field) or BrokerUnavailable."""
+        if isinstance(params, GenerationParams):
+            params = params.model_dump()
+        job = self._parse({"prompt": prompt, "params": dict(params or {}), "priority": priority,
+                           "queue": queue, "idempotency_key": idempotency_key,
+                           "deadline_s": deadline_s, "chat": chat})
+        return self._submit([job])[0]
+
+    def submit_many(self, requests: Iterable[JobRequest | Mapping[str, Any]]) -> list[str]:
+        """Validate every request first, then store and enqueue them all; one id each."""
+        jobs = []
+        for number, request in enumerate(requests):
+            try:
+                jobs.append(self._parse(request))
+            except InvalidJob as exc:
+                raise InvalidJob(f"job {number}: {exc}") from None
+        return self._submit(jobs)
+
+    def _parse(self, request: JobRequest | Mapping[str, Any]) -> JobRequest:
+        job = parse_job(request if isinstance(request, JobRequest) else dict(request))
+        if isinstance(job.prompt, str) and len(job.prompt) > self.settings.max_prompt_chars:
+            raise InvalidJob(f"prompt: {len(job.prompt)} characters is over "
+                             f"PAGEDQ_MAX_PROMPT_CHARS ({self.settings.max_prompt_chars})")
+        return job
+
+    def _submit(self, jobs: list[JobRequest]) -> list[str]:
+        submissions = self.store.create(jobs)
+        fresh = [(s.job_id, job) for s, job in zip(submissions, jobs, strict=True) if s.created]
+        self._publish(fresh)
+        return [s.job_id for s in submissions]
+
+    def _publish(self, jobs: list[tuple[str, JobRequest]]) -> None:
+        published = 0
+        try:
+            with self.app.producer_or_acquire() as producer:
+                for job_id, job in jobs:
+                    self.app.send_task(TASK_NAME, args=[job_id], task_id=job_id,
+                                       queue=self.app.queue_name(job.queue), producer=producer,
+                                       retry=True)
+                    published += 1
+        except (BrokerError, OSError) as exc:
+            self.store.discard_unpublished(job_id for job_id, _ in jobs[published:])
+            raise BrokerUnavailable(
+                f"could not enqueue {len(jobs) - published} job(s) on "
+                f"{self.app.conf.broker_url}: {exc}"
+            ) from exc
+
+    def get(self, job_id: str) -> JobRecord | None:
+        return self.store.get(job_id)
+
+    def wait(self, job_id: str, timeout: float | None = None) -> JobRecord:
+        """Block until the job has finished; TimeoutError after `timeout` seconds."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        pause = POLL_START_S
+        while True:
+            record = self.store.get(job_id)
+            if record is None:
+                raise KeyError(f"no job {job_id}")
+            if record.finished:
+                return record
+            if deadline is not None and time.monotonic() + pause > deadline:
+                raise TimeoutError(f"job {job_id} still {record.status.value} after {timeout} s")
+            time.sleep(pause)
+            pause = min(pause * 2, POLL_MAX_S)
+
+    def cancel(self, job_id: str) -> bool:
+        """Cancel a job. A queued job is cancelled at once; a running one is
+        aborted by its worker's engine within a step. False if it had already
+        finished (or does not exist)."""
+        before = self.store.request_cancel(job_id)
+        if before is JobStatus.RUNNING:
+            self.app.control.broadcast(CANCEL_COMMAND, arguments={"job_id": job_id})
+        return before in (JobStatus.QUEUED, JobStatus.RUNNING)

@@ -1,0 +1,241 @@
+"""One engine, one loop thread, many waiting job threads.
+
+The engine is not thread-safe, so a single loop thread alone calls
+add_request, abort_request and step. Task threads hand it commands through a
+queue and block on a Future; because every running task has its request in
+the same engine, they are all decoded together in each step (continuous
+batching across Celery tasks).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from engine import LLMEngine, RequestOutput, SamplingParams
+
+log = logging.getLogger(__name__)
+
+CANCEL_REASON = "cancelled"
+# How long a cancel for a job the engine does not hold (yet) is remembered:
+# the cancel broadcast can overtake the task that is about to submit.
+EARLY_CANCEL_TTL_S = 600.0
+IDLE_WAKEUP_S = 1.0  # refreshes the live stats while there is nothing to step
+RATE_WINDOW_S = 10.0
+
+
+class EngineFailure(RuntimeError):
+    """The engine raised inside step(); the requests in it were lost."""
+
+
+class JobCancelled(Exception):
+    """The job was cancelled before its request reached the engine."""
+
+
+@dataclass(slots=True)
+class Generation:
+    output: RequestOutput
+    cancelled: bool  # aborted because the job was cancelled (not by a deadline)
+
+
+@dataclass(slots=True)
+class _Add:
+    request_id: str
+    job_id: str
+    prompt: str | list[int]
+    params: SamplingParams
+    priority: int
+    deadline: float | None
+    future: Future[Generation]
+
+
+@dataclass(slots=True)
+class _Cancel:
+    job_id: str
+
+
+@dataclass(slots=True)
+class _Live:
+    job_id: str
+    future: Future[Generation]
+    cancelled: bool = False
+
+
+@dataclass(slots=True)
+class _Rate:
+    """Generated tokens per second over a sliding window."""
+
+    samples: deque[tuple[float, int]] = field(default_factory=deque)
+
+    def update(self, now: float, total: int) -> float:
+        self.samples.append((now, total))
+        while self.samples and now - self.samples[0][0] > RATE_WINDOW_S:
+            self.samples.popleft()
+        first_time, first_total = self.samples[0]
+        return (total - first_total) / (now - first_time) if now > first_time else 0.0
+
+
+class EngineService:
+    def __init__(self, build: Callable[[], LLMEngine]) -> None:
+        self._build = build
+        self._commands: queue.SimpleQueue[_Add | _Cancel | None] = queue.SimpleQueue()
+        self._live: dict[str, _Live] = {}  # request id -> its job and future
+        self._early_cancels: dict[str, float] = {}  # job id -> when the cancel came
+        self._ready = threading.Event()
+        self._stopping = False
+        self._startup_error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="pagedq-engine", daemon=True)
+        self._engine: LLMEngine | None = None
+        self._rate = _Rate()
+        self._snapshot: dict[str, Any] = {}
+        self.tokenizer: Any = None
+
+    # -- called from any thread -------------------------------------------
+
+    def start(self) -> None:
+        """Build the engine on the loop thread and wait until it is ready."""
+        self._thread.start()
+        self._ready.wait()
+        if self._startup_error is not None:
+            raise self._startup_error
+
+    def stop(self, timeout: float) -> None:
+        """Finish the requests already in the engine (for up to `timeout`), then stop."""
+        self._commands.put(None)
+        self._thread.join(timeout)
+
+    def submit(self, job_id: str, attempt: int, prompt: str | list[int], params: SamplingParams,
+               priority: int = 0, deadline: float | None = None) -> Future[Generation]:
+        future: Future[Generation] = Future()
+        self._commands.put(_Add(f"{job_id}#{attempt}", job_id, prompt, params, priority,
+                                deadline, future))
+        return future
+
+    def cancel(self, job_id: str) -> None:
+        self._commands.put(_Cancel(job_id))
+
+    def stats(self) -> dict[str, Any]:
+        """The engine's live state as of its last step (safe to read from any thread)."""
+        return self._snapshot
+
+    # -- the loop thread ---------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            self._engine = self._build()
+            self.tokenizer = self._engine.get_tokenizer()
+            self._refresh_stats()
+        except BaseException as exc:  # reported to start()'s caller
+            self._startup_error = exc
+            return
+        finally:
+            self._ready.set()
+        while not (self._stopping and not self._live):
+            busy = self._engine.has_unfinished_requests()
+            self._drain(block=not busy)
+            if self._engine.has_unfinished_requests():
+                self._step()
+
+    def _drain(self, block: bool) -> None:
+        """Apply every waiting command, first waiting a while for one if `block`."""
+        try:
+            command = self._commands.get(timeout=IDLE_WAKEUP_S) if block else \
+                self._commands.get_nowait()
+        except queue.Empty:
+            if block:
+                self._refresh_stats()
+            return
+        while True:
+            if command is None:
+                self._stopping = True
+            else:
+                self._apply(command)
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+
+    def _apply(self, command: _Add | _Cancel) -> None:
+        assert self._engine is not None
+        if isinstance(command, _Cancel):
+            self._cancel(command.job_id)
+            return
+        if self._stopping:
+            command.future.set_exception(EngineFailure("the worker is shutting down"))
+            return
+        if command.job_id in self._early_cancels:
+            command.future.set_exception(JobCancelled(command.job_id))
+            return
+        try:
+            self._engine.add_request(command.request_id, command.prompt, command.params,
+                                     priority=command.priority, deadline=command.deadline)
+        except Exception as exc:  # bad input is a ValueError; the job decides what else means
+            command.future.set_exception(exc)
+            return
+        self._live[command.request_id] = _Live(command.job_id, command.future)
+
+    def _cancel(self, job_id: str) -> None:
+        assert self._engine is not None
+        found = False
+        for request_id, live in self._live.items():
+            if live.job_id == job_id:
+                live.cancelled = found = True
+                self._engine.abort_request(request_id, CANCEL_REASON)
+        if not found:
+            now = time.monotonic()
+            self._early_cancels = {job: at for job, at in self._early_cancels.items()
+                                   if now - at < EARLY_CANCEL_TTL_S}
+            self._early_cancels[job_id] = now
+
+    def _step(self) -> None:
+        assert self._engine is not None
+        try:
+            outputs = self._engine.step()
+        except Exception as exc:
+            log.exception("engine step failed; rebuilding the engine")
+            self._fail_all(EngineFailure(f"engine step failed: {exc!r}"))
+            self._engine = self._build()
+            return
+        for output in outputs:
+            if output.finished:
+                live = self._live.pop(output.request_id)
+                live.future.set_result(Generation(output, live.cancelled))
+        self._refresh_stats()
+
+    def _fail_all(self, error: Exception) -> None:
+        for live in self._live.values():
+            live.future.set_exception(error)
+        self._live.clear()
+
+    def _refresh_stats(self) -> None:
+        assert self._engine is not None
+        s = self._engine.stats()
+        used = s.device_blocks_total - s.device_blocks_free
+        self._snapshot = {
+            "running": s.num_running,
+            "waiting": s.num_waiting,
+            "swapped": s.num_swapped,
+            "jobs_in_engine": len(self._live),
+            "kv_blocks_used": used,
+            "kv_blocks_total": s.device_blocks_total,
+            "kv_usage": round(used / s.device_blocks_total, 4) if s.device_blocks_total else 0.0,
+            "swap_blocks_used": s.swap_blocks_total - s.swap_blocks_free,
+            "swap_blocks_total": s.swap_blocks_total,
+            "tokens_per_s": round(self._rate.update(time.monotonic(), s.num_generated_tokens), 2),
+            "prompt_tokens": s.num_prompt_tokens,
+            "generated_tokens": s.num_generated_tokens,
+            "preemptions": s.num_preemptions,
+            "swapped_out_blocks": s.num_swapped_out_blocks,
+            "swapped_in_blocks": s.num_swapped_in_blocks,
+            "prefix_cache_hit_rate": round(s.prefix_cache_hit_rate, 4),
+            "peak_running": s.peak_num_running,
+            "steps": s.num_steps,
+        }

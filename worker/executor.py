@@ -1,0 +1,148 @@
+"""One attempt at one job: claim the row, generate in the shared engine, record the end.
+
+Both the Celery task and the in-process `pagedq run` go through here, so a
+job behaves the same with or without a broker.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from worker.db import is_transient
+from worker.engine_service import EngineFailure, EngineService, Generation, JobCancelled
+from worker.models import JobStatus
+from worker.records import ClaimOutcome, Completion, JobMetrics, JobSpec
+from worker.settings import Settings
+from worker.store import JobStore
+
+if TYPE_CHECKING:
+    from engine import RequestOutput
+
+log = logging.getLogger(__name__)
+
+DEADLINE_REASON = "deadline exceeded"
+# The engine resolves every request by its deadline; waiting longer than this
+# past it means the loop thread is gone, and the job is better retried.
+RESULT_GRACE_S = 60.0
+
+
+@dataclass(slots=True)
+class Outcome:
+    job_id: str
+    claim: ClaimOutcome
+    status: JobStatus | None = None  # what this attempt recorded; None when it ran nothing
+    error: str | None = None
+    recorded: bool = True  # False: a newer attempt took the job over meanwhile
+
+
+def is_retryable(exc: BaseException) -> bool:
+    """Failures of the machinery rather than of the job: another attempt may succeed."""
+    return is_transient(exc) or isinstance(exc, EngineFailure | TimeoutError)
+
+
+class JobRunner:
+    def __init__(self, store: JobStore, service: EngineService, settings: Settings) -> None:
+        self.store = store
+        self.service = service
+        self.settings = settings
+
+    def run(self, job_id: str, worker: str) -> Outcome:
+        claim = self.store.claim(job_id, worker, self.settings.max_attempts)
+        if claim.spec is None:
+            log.info("job %s not run: %s", job_id, claim.outcome.value)
+            return Outcome(job_id, claim.outcome)
+        try:
+            return self._generate(claim.spec, worker)
+        except Exception as exc:
+            if is_retryable(exc):
+                raise
+            log.exception("job %s failed unexpectedly", job_id)
+            return self._finish(claim.spec, JobStatus.FAILED, error=f"internal error: {exc!r}")
+
+    def _generate(self, spec: JobSpec, worker: str) -> Outcome:
+        from engine import SamplingParams
+
+        try:
+            params = SamplingParams(**spec.params)
+            prompt = self._render(spec)
+        except ValueError as exc:
+            return self._finish(spec, JobStatus.FAILED, error=f"invalid job: {exc}")
+        deadline_s = min(spec.deadline_s or math.inf, self.settings.job_deadline_s)
+        future = self.service.submit(spec.id, spec.attempt, prompt, params, spec.priority,
+                                     time.time() + deadline_s)
+        try:
+            generation = future.result(timeout=deadline_s + RESULT_GRACE_S)
+        except JobCancelled:
+            return self._finish(spec, JobStatus.CANCELLED, error="cancelled before it started")
+        except ValueError as exc:
+            return self._finish(spec, JobStatus.FAILED, error=f"rejected by the engine: {exc}")
+        status, error = _judge(generation, deadline_s)
+        return self._finish(spec, status, error=error, output=generation.output, worker=worker)
+
+    def _render(self, spec: JobSpec) -> str | list[int]:
+        if not spec.chat:
+            return spec.prompt
+        tokenizer = self.service.tokenizer
+        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+            raise ValueError("chat: the model has no chat template")
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": spec.prompt}], tokenize=False, add_generation_prompt=True
+        )
+
+    def _finish(self, spec: JobSpec, status: JobStatus, *, error: str | None = None,
+                output: RequestOutput | None = None, worker: str | None = None) -> Outcome:
+        completions = [] if output is None else [
+            Completion(o.index, o.text, list(o.token_ids), o.finish_reason,
+                       None if o.stop_reason is None else str(o.stop_reason),
+                       o.cumulative_logprob)
+            for o in output.outputs
+        ]
+        metrics = None if output is None else _metrics(spec, output, worker)
+        recorded = self.store.finish(spec.id, spec.attempt, status, error=error,
+                                     outputs=completions, metrics=metrics)
+        if not recorded:
+            log.warning("job %s attempt %d superseded by a newer attempt; result dropped",
+                        spec.id, spec.attempt)
+        return Outcome(spec.id, ClaimOutcome.CLAIMED, status, error, recorded)
+
+
+def _judge(generation: Generation, deadline_s: float) -> tuple[JobStatus, str | None]:
+    output = generation.output
+    if all(o.finish_reason != "abort" for o in output.outputs):
+        return JobStatus.SUCCEEDED, None
+    if generation.cancelled:
+        return JobStatus.CANCELLED, "cancelled while running"
+    if output.abort_reason == DEADLINE_REASON:
+        return JobStatus.FAILED, f"deadline exceeded: still generating after {deadline_s:g} s"
+    return JobStatus.FAILED, f"aborted by the engine: {output.abort_reason}"
+
+
+def _metrics(spec: JobSpec, output: RequestOutput, worker: str | None) -> JobMetrics:
+    m = output.metrics
+    submitted = spec.created_at.timestamp()
+
+    def since_submit(t: float | None) -> float | None:
+        return None if t is None else t - submitted
+
+    longest = max((len(o.token_ids) for o in output.outputs), default=0)
+    tpot = None
+    if m.first_token_time is not None and m.finished_time is not None and longest > 1:
+        tpot = (m.finished_time - m.first_token_time) / (longest - 1)
+    return JobMetrics(
+        attempt=spec.attempt,
+        queue_time_s=since_submit(m.first_scheduled_time),
+        ttft_s=since_submit(m.first_token_time),
+        tpot_s=tpot,
+        e2e_s=(m.finished_time or time.time()) - submitted,
+        prompt_tokens=m.num_prompt_tokens,
+        generated_tokens=sum(len(o.token_ids) for o in output.outputs),
+        cached_tokens=m.num_cached_tokens,
+        preemptions=m.num_preemptions,
+        swapped_out_blocks=m.num_swapped_out_blocks,
+        swapped_in_blocks=m.num_swapped_in_blocks,
+        worker=worker,
+    )

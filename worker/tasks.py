@@ -1,0 +1,45 @@
+"""The one Celery task: run a job by id; everything about it is in SQL."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from celery import Task
+
+from worker.executor import is_retryable
+from worker.models import JobStatus
+
+if TYPE_CHECKING:
+    from worker.celery_app import PagedqCelery
+
+log = logging.getLogger(__name__)
+
+RETRY_BASE_S = 0.5
+RETRY_MAX_S = 30.0
+
+
+class JobFailed(Exception):
+    """Raised after a failed job was recorded, so that Flower shows it as FAILURE."""
+
+
+def register_tasks(app: PagedqCelery) -> None:
+    from worker.celery_app import TASK_NAME
+
+    # max_retries=None: while the database is away the job keeps waiting for it
+    # rather than being dropped; the attempts counter bounds real reruns.
+    @app.task(bind=True, name=TASK_NAME, max_retries=None)
+    def generate(self: Task, job_id: str) -> str:
+        if app.runner is None:
+            raise RuntimeError(f"{TASK_NAME} runs only in `pagedq worker`, which owns the engine")
+        try:
+            outcome = app.runner.run(job_id, self.request.hostname or "worker")
+        except Exception as exc:
+            if not is_retryable(exc):
+                raise
+            countdown = min(RETRY_MAX_S, RETRY_BASE_S * 2 ** self.request.retries)
+            log.warning("job %s: %r; retrying in %.1f s", job_id, exc, countdown)
+            raise self.retry(exc=exc, countdown=countdown) from exc
+        if outcome.status is JobStatus.FAILED and outcome.recorded:
+            raise JobFailed(outcome.error)
+        return outcome.status.value if outcome.status else outcome.claim.value
