@@ -40,8 +40,12 @@ class EngineConfig:
             )
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
-        if self.block_size not in (8, 16, 32, 64):
-            raise ValueError(f"block_size must be 8, 16, 32 or 64, got {self.block_size}")
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        if self.attention_backend == "triton" and not 8 <= self.block_size <= 64:
+            raise ValueError(
+                f"block_size must be 8 to 64 with the triton backend, got {self.block_size}"
+            )
         if self.num_device_blocks is not None and self.num_device_blocks < 1:
             raise ValueError(f"num_device_blocks must be >= 1, got {self.num_device_blocks}")
         if self.swap_space_gib < 0:

@@ -210,7 +210,7 @@ class Scheduler:
             seqs = group.live_seqs()
             if num_seqs + len(seqs) > self.config.max_num_seqs:
                 break
-            if sum(self.bm.blocks_for(s.num_tokens + 1) for s in seqs) > self.bm.device.num_blocks:
+            if sum(self.bm.blocks_for(s.num_tokens) for s in seqs) > self.bm.device.num_blocks:
                 self.waiting.popleft()
                 self._never_fits(group, out)
                 continue

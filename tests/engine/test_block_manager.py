@@ -1,0 +1,125 @@
+"""Block manager and scheduler on plain Python objects: no model, no tensors."""
+
+import time
+
+from engine.block_manager import BlockManager
+from engine.config import EngineConfig
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler
+from engine.sequence import RequestMetrics, Sequence, SequenceGroup, SequenceStatus
+
+
+def _group(request_id: str, prompt_len: int, arrival: float | None = None) -> SequenceGroup:
+    tokens = list(range(100, 100 + prompt_len))
+    seq = Sequence(seq_id=hash(request_id) & 0xFFFF, token_ids=list(tokens), prompt_len=prompt_len)
+    return SequenceGroup(request_id, None, tokens, SamplingParams(temperature=0), [seq],
+                         RequestMetrics(arrival_time=arrival or time.time()))
+
+
+def _run_step(sched: Scheduler, new_token: int = 7):
+    """Pretend the model ran: advance computed tokens and sample where a sequence caught up."""
+    out = sched.schedule()
+    for entry in out.scheduled:
+        entry.seq.num_computed_tokens += entry.num_tokens
+        if entry.seq.num_computed_tokens == entry.seq.num_tokens:
+            entry.seq.token_ids.append(new_token)
+    return out
+
+
+def test_allocation_grows_only_at_block_boundaries():
+    bm = BlockManager(block_size=4, num_device_blocks=8, num_cpu_blocks=0)
+    seq = Sequence(0, [1, 2, 3, 4, 5], prompt_len=5)
+    copies: dict[int, int] = {}
+    bm.allocate_slots(seq, 5, copies)
+    assert len(seq.block_table) == 2 and bm.device.num_free == 6
+    seq.num_computed_tokens = 5
+    for n_tokens in (6, 7, 8):  # fill the second block: no new block
+        assert bm.num_new_blocks(seq, 1) == 0
+        bm.allocate_slots(seq, 1, copies)
+        seq.num_computed_tokens = n_tokens
+    assert len(seq.block_table) == 2
+    assert bm.num_new_blocks(seq, 1) == 1  # the ninth token opens a third block
+    bm.allocate_slots(seq, 1, copies)
+    assert len(seq.block_table) == 3 and not copies
+    bm.free(seq)
+    assert bm.device.num_free == 8 and seq.block_table == []
+
+
+def test_fork_shares_blocks_and_copies_the_partial_one_on_write():
+    bm = BlockManager(block_size=4, num_device_blocks=8, num_cpu_blocks=0)
+    parent = Sequence(0, list(range(6)), prompt_len=6)
+    bm.allocate_slots(parent, 6, {})
+    parent.num_computed_tokens = 6
+    child = Sequence(1, list(range(6)), prompt_len=6, num_computed_tokens=6)
+    bm.fork(parent, child)
+    full, partial = parent.block_table
+    assert bm.device.ref_counts[full] == 2 and bm.device.ref_counts[partial] == 2
+    copies: dict[int, int] = {}
+    bm.allocate_slots(child, 1, copies)
+    assert list(copies) == [partial] and child.block_table[0] == full
+    assert child.block_table[1] == copies[partial]
+    bm.allocate_slots(parent, 1, copies)  # now the parent owns its block alone: no copy
+    assert len(copies) == 1 and bm.num_cow_copies == 1
+    bm.free(parent)
+    bm.free(child)
+    assert bm.device.num_free == 8
+
+
+def test_swap_round_trip_keeps_shared_blocks_shared():
+    bm = BlockManager(block_size=4, num_device_blocks=8, num_cpu_blocks=8)
+    group = _group("a", 6)
+    parent = group.seqs[0]
+    bm.allocate_slots(parent, 6, {})
+    child = Sequence(1, list(parent.token_ids), prompt_len=6)
+    bm.fork(parent, child)
+    group.seqs.append(child)
+    out_map = bm.swap_out(group)
+    assert len(out_map) == 2 and bm.device.num_free == 8 and bm.cpu.num_free == 6
+    assert parent.block_table == child.block_table
+    for seq in group.seqs:
+        seq.status = SequenceStatus.SWAPPED
+    in_map = bm.swap_in(group)
+    assert set(in_map) == set(out_map.values()) and bm.cpu.num_free == 8
+    assert all(bm.device.ref_counts[b] == 2 for b in parent.block_table)
+
+
+def test_exhaustion_preempts_instead_of_crashing():
+    config = EngineConfig(block_size=4, max_num_batched_tokens=64, preemption_mode="recompute")
+    bm = BlockManager(4, num_device_blocks=4, num_cpu_blocks=0, enable_prefix_caching=False)
+    sched = Scheduler(config, bm)
+    a, b = _group("a", 8, arrival=1.0), _group("b", 8, arrival=2.0)
+    sched.add(a)
+    sched.add(b)
+    _run_step(sched)  # both prompts fill 2 blocks each
+    assert bm.device.num_free == 0
+    out = _run_step(sched)  # each needs a third block: the later arrival goes
+    assert out.preempted == [b] and b in sched.waiting
+    assert b.seqs[0].num_computed_tokens == 0 and b.metrics.num_preemptions == 1
+    assert [e.seq for e in out.scheduled] == [a.seqs[0]]
+
+
+def test_request_larger_than_the_pool_is_reported_not_run():
+    config = EngineConfig(block_size=4, max_num_batched_tokens=64)
+    bm = BlockManager(4, num_device_blocks=2, num_cpu_blocks=0)
+    sched = Scheduler(config, bm)
+    big = _group("big", 20)
+    sched.add(big)
+    out = sched.schedule()
+    assert out.never_fit == [big] and "needs 5 KV blocks" in big.abort_reason
+    assert not out.scheduled and bm.device.num_free == 2
+
+
+def test_prefix_cache_reuses_blocks_and_rejects_hash_collisions(monkeypatch):
+    bm = BlockManager(block_size=4, num_device_blocks=16, num_cpu_blocks=0)
+    first = Sequence(0, list(range(10)), prompt_len=10)
+    bm.allocate_slots(first, 10, {})
+    first.num_computed_tokens = 10
+    bm.cache_full_blocks(first, 0)
+    bm.free(first)
+    same = Sequence(1, list(range(9)) + [99], prompt_len=10)
+    assert bm.match_prefix(same) == 8  # two full blocks reused
+    bm.free(same)
+    # Every block now hashes alike: the token check must refuse the cached block.
+    monkeypatch.setattr(BlockManager, "hash_block", staticmethod(lambda parent, tokens: 0))
+    other = Sequence(2, [50 + i for i in range(10)], prompt_len=10)
+    assert bm.match_prefix(other) == 0 and other.block_table == []

@@ -1,0 +1,72 @@
+"""The sampler on fixed logits: each knob changes the distribution as specified."""
+
+import math
+
+import torch
+
+from engine.sampler import Sampler, apply_penalties, truncate
+from engine.sampling_params import SamplingParams
+from engine.sequence import Sequence
+
+PROBS = torch.tensor([0.5, 0.3, 0.15, 0.05])
+LOGITS = PROBS.log()
+
+
+def _kept(row: torch.Tensor) -> list[int]:
+    return torch.isfinite(row).nonzero().flatten().tolist()
+
+
+def test_top_k_top_p_min_p_truncate_as_specified():
+    assert _kept(truncate(LOGITS, SamplingParams(top_k=2))) == [0, 1]
+    # Nucleus: 0.5 alone is under 0.7, 0.5 + 0.3 reaches it.
+    assert _kept(truncate(LOGITS, SamplingParams(top_p=0.7))) == [0, 1]
+    assert _kept(truncate(LOGITS, SamplingParams(top_p=0.81))) == [0, 1, 2]
+    # min_p 0.2 of the top probability 0.5 drops everything under 0.1.
+    assert _kept(truncate(LOGITS, SamplingParams(min_p=0.2))) == [0, 1, 2]
+    assert _kept(truncate(LOGITS, SamplingParams())) == [0, 1, 2, 3]
+
+
+def _frequencies(params: SamplingParams, draws: int = 4000) -> torch.Tensor:
+    sampler = Sampler(eos_token_ids=set())
+    gen = torch.Generator().manual_seed(0)
+    seqs = [Sequence(i, [0], prompt_len=1, generator=gen) for i in range(draws)]
+    results = sampler(LOGITS.expand(draws, -1), seqs, [params] * draws)
+    counts = torch.bincount(torch.tensor([r.token_id for r in results]), minlength=4)
+    return counts / draws
+
+
+def test_sampling_follows_the_truncated_renormalised_distribution():
+    assert torch.allclose(_frequencies(SamplingParams()), PROBS, atol=0.03)
+    assert torch.allclose(_frequencies(SamplingParams(top_p=0.7)),
+                          torch.tensor([0.625, 0.375, 0, 0]), atol=0.03)
+    # Temperature 2 flattens: p ~ sqrt(p) renormalised.
+    flat = PROBS.sqrt() / PROBS.sqrt().sum()
+    assert torch.allclose(_frequencies(SamplingParams(temperature=2.0)), flat, atol=0.03)
+
+
+def test_logprobs_are_taken_after_temperature():
+    sampler = Sampler(eos_token_ids=set())
+    seq = Sequence(0, [0], prompt_len=1)
+    res = sampler(LOGITS[None], [seq], [SamplingParams(temperature=0, logprobs=2)])[0]
+    assert res.token_id == 0 and math.isclose(res.logprob, math.log(0.5), rel_tol=1e-5)
+    assert set(res.top_logprobs) == {0, 1}
+
+
+def test_penalties_follow_transformers_and_openai_rules():
+    row = torch.tensor([2.0, -2.0, 1.0, 0.5])
+    seq = Sequence(0, [0, 1, 2, 2], prompt_len=2)  # prompt [0, 1], output [2, 2]
+    apply_penalties(row, seq, SamplingParams(repetition_penalty=2.0))
+    assert row.tolist() == [1.0, -4.0, 0.5, 0.5]
+    row = torch.tensor([2.0, -2.0, 1.0, 0.5])
+    apply_penalties(row, seq, SamplingParams(presence_penalty=0.5, frequency_penalty=0.25))
+    assert row.tolist() == [2.0, -2.0, 1.0 - 0.5 - 2 * 0.25, 0.5]
+
+
+def test_min_tokens_bans_eos_until_reached():
+    sampler = Sampler(eos_token_ids={0})
+    seq = Sequence(0, [3], prompt_len=1)
+    res = sampler(LOGITS[None], [seq], [SamplingParams(temperature=0, min_tokens=1)])[0]
+    assert res.token_id == 1
+    seq.token_ids.append(1)
+    res = sampler(LOGITS[None], [seq], [SamplingParams(temperature=0, min_tokens=1)])[0]
+    assert res.token_id == 0
