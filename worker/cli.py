@@ -77,7 +77,9 @@ def _job_options(args: argparse.Namespace) -> JobOptions:
     defaults = {name: value for name, value in
                 (("max_tokens", args.max_tokens), ("temperature", args.temperature))
                 if value is not None}
-    return JobOptions(template=check_template(args.template), chat=args.chat,
+    # A shell or Makefile passes "\n" through as two characters; mean a newline.
+    template = args.template.replace("\\n", "\n").replace("\\t", "\t")
+    return JobOptions(template=check_template(template), chat=args.chat,
                       queue=QueueKind(args.queue), priority=args.priority, defaults=defaults)
 
 

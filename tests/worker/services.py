@@ -1,0 +1,177 @@
+"""Test plumbing: real Redis and PostgreSQL, worker subprocesses, a cuttable DB link."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from worker.client import Client
+from worker.settings import Settings, load_settings
+
+REPO = Path(__file__).resolve().parents[2]
+REDIS_URL = os.environ.get("PAGEDQ_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
+POSTGRES_URL = os.environ.get("PAGEDQ_TEST_POSTGRES_URL",
+                              "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+
+
+def engine_fields(model_dir: Path, **overrides: Any) -> dict[str, Any]:
+    """Settings for a worker on the tiny checkpoint: small pools, fast on CPU."""
+    return {
+        "model": str(model_dir), "dtype": "float32", "device": "cpu",
+        "num_device_blocks": 512, "swap_space_gib": 0.05, "max_num_seqs": 16,
+        "broker_url": REDIS_URL,
+        # Queue names of their own, so that concurrent test runs never share jobs.
+        "interactive_queue": f"pagedq-test-{uuid.uuid4().hex[:8]}.interactive",
+        "bulk_queue": f"pagedq-test-{uuid.uuid4().hex[:8]}.bulk",
+        **overrides,
+    }
+
+
+def as_env(fields: dict[str, Any]) -> dict[str, str]:
+    return {f"PAGEDQ_{name.upper()}": str(value) for name, value in fields.items()
+            if value is not None}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class WorkerProcess:
+    """`pagedq worker` in a subprocess, with its log in a file."""
+
+    def __init__(self, fields: dict[str, Any], log_dir: Path, name: str) -> None:
+        self.fields = fields
+        self.hostname = f"{name}-{uuid.uuid4().hex[:6]}@test"
+        self.log_path = log_dir / f"{name}.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, client: Client, timeout: float = 90.0) -> WorkerProcess:
+        env = {**os.environ, **as_env(self.fields)}
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "worker.cli", "worker", f"--hostname={self.hostname}",
+                 "--loglevel=info"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"worker exited early:\n{self.log_tail()}")
+            if client.app.control.ping(destination=[self.hostname], timeout=0.5):
+                return self
+        raise RuntimeError(f"worker not ready after {timeout} s:\n{self.log_tail()}")
+
+    def engine_stats(self, client: Client) -> dict[str, Any]:
+        replies = client.app.control.inspect(destination=[self.hostname], timeout=5).stats()
+        return replies[self.hostname]["engine"]
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait()
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+    def log_tail(self, chars: int = 4000) -> str:
+        return self.log_path.read_text(errors="replace")[-chars:]
+
+
+@dataclass(slots=True)
+class Stack:
+    settings: Settings
+    fields: dict[str, Any]
+    client: Client
+    worker: WorkerProcess
+
+
+@contextmanager
+def stack(fields: dict[str, Any], log_dir: Path, name: str) -> Iterator[Stack]:
+    """Migrated database, a client and one running worker."""
+    from worker.migrate import run_alembic
+
+    settings = load_settings(**fields)
+    run_alembic(settings.database_url)
+    client = Client(settings)
+    worker = WorkerProcess(fields, log_dir, name)
+    try:
+        worker.start(client)
+        yield Stack(settings, fields, client, worker)
+    finally:
+        worker.stop()
+        purge_queues(client)
+        client.close()
+
+
+def purge_queues(client: Client) -> None:
+    with client.app.connection_for_write() as connection:
+        channel = connection.default_channel
+        for queue in (client.settings.interactive_queue, client.settings.bulk_queue):
+            with suppress(Exception):
+                channel.queue_purge(queue)
+
+
+class TcpProxy:
+    """Forwards a local port to PostgreSQL; cut() drops every link, as an outage would."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.port = free_port()
+        self._server: socket.socket | None = None
+        self._links: list[socket.socket] = []
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        server = socket.socket()
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        server.bind(("127.0.0.1", self.port))
+        server.listen()
+        self._server = server
+        threading.Thread(target=self._accept, args=(server,), daemon=True).start()
+
+    def cut(self) -> None:
+        with self._lock:
+            assert self._server is not None
+            self._server.close()
+            for link in self._links:
+                with suppress(OSError):
+                    link.shutdown(socket.SHUT_RDWR)
+                link.close()
+            self._links.clear()
+
+    def _accept(self, server: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = server.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self.target)
+            with self._lock:
+                self._links += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=_pipe, args=(a, b), daemon=True).start()
+
+
+def _pipe(source: socket.socket, sink: socket.socket) -> None:
+    with suppress(OSError):
+        while data := source.recv(65536):
+            sink.sendall(data)
+    with suppress(OSError):
+        sink.shutdown(socket.SHUT_WR)

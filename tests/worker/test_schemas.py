@@ -1,0 +1,32 @@
+"""Producer-side validation: every rejection names the field."""
+
+import pytest
+
+from worker.schemas import GenerationParams, InvalidJob, QueueKind, parse_job
+
+
+@pytest.mark.parametrize(("job", "field"), [
+    ({"prompt": ""}, "prompt"),
+    ({"prompt": []}, "prompt"),
+    ({"prompt": [1, -2]}, "prompt"),
+    ({"prompt": "x", "params": {"temperature": -1}}, "params.temperature"),
+    ({"prompt": "x", "params": {"top_p": 0}}, "params.top_p"),
+    ({"prompt": "x", "params": {"max_tokens": 0}}, "params.max_tokens"),
+    ({"prompt": "x", "params": {"min_tokens": 9, "max_tokens": 4}}, "min_tokens"),
+    ({"prompt": "x", "params": {"top_q": 1}}, "params.top_q"),
+    ({"prompt": "x", "queue": "urgent"}, "queue"),
+    ({"prompt": "x", "priority": 10}, "priority"),
+    ({"prompt": "x", "deadline_s": 0}, "deadline_s"),
+    ({"prompt": [1, 2], "chat": True}, "chat"),
+])
+def test_invalid_job_names_the_field(job, field):
+    with pytest.raises(InvalidJob, match=field.replace(".", r"\.")):
+        parse_job(job)
+
+
+def test_valid_job_keeps_engine_names_and_defaults():
+    job = parse_job({"prompt": [5, 6], "params": {"temperature": 0, "stop": ["\n"]},
+                     "queue": "bulk"})
+    assert job.queue is QueueKind.BULK
+    assert job.params.model_dump() == {**GenerationParams().model_dump(), "temperature": 0.0,
+                                       "stop": ["\n"]}

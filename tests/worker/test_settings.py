@@ -1,0 +1,51 @@
+"""Settings come from PAGEDQ_* variables; a bad one is named in the error."""
+
+import pytest
+
+from worker.settings import SettingsError, load_settings
+
+
+def test_defaults_are_the_embedded_setup(monkeypatch):
+    for name in ("PAGEDQ_DATABASE_URL", "PAGEDQ_MODEL", "PAGEDQ_MAX_NUM_SEQS"):
+        monkeypatch.delenv(name, raising=False)
+    settings = load_settings()
+    assert settings.database_url == "sqlite:///pagedq.db"
+    assert settings.model == "smollm2-135m"
+    assert settings.concurrency == settings.max_num_seqs == 256
+
+
+def test_environment_variables_are_read(monkeypatch):
+    monkeypatch.setenv("PAGEDQ_MAX_NUM_SEQS", "32")
+    monkeypatch.setenv("PAGEDQ_DATABASE_URL", "postgresql://u@db/jobs")
+    settings = load_settings()
+    assert settings.max_num_seqs == 32 and settings.concurrency == 32
+    # psycopg 3 is the driver that is installed.
+    assert settings.database_url == "postgresql+psycopg://u@db/jobs"
+    assert settings.engine_kwargs()["max_num_seqs"] == 32
+
+
+@pytest.mark.parametrize(("name", "value"), [
+    ("PAGEDQ_MAX_NUM_SEQS", "0"),
+    ("PAGEDQ_BLOCK_SIZE", "12"),
+    ("PAGEDQ_PREEMPTION_MODE", "drop"),
+    ("PAGEDQ_JOB_DEADLINE_S", "soon"),
+])
+def test_bad_value_names_the_variable(monkeypatch, name, value):
+    monkeypatch.setenv(name, value)
+    with pytest.raises(SettingsError, match=name):
+        load_settings()
+
+
+def test_visibility_timeout_must_outlast_the_deadline(monkeypatch):
+    monkeypatch.setenv("PAGEDQ_VISIBILITY_TIMEOUT_S", "30")
+    monkeypatch.setenv("PAGEDQ_JOB_DEADLINE_S", "60")
+    with pytest.raises(SettingsError, match="PAGEDQ_VISIBILITY_TIMEOUT_S"):
+        load_settings()
+
+
+def test_cli_reports_bad_settings(monkeypatch, capsys):
+    from worker.cli import main
+
+    monkeypatch.setenv("PAGEDQ_MAX_ATTEMPTS", "-1")
+    assert main(["migrate"]) == 2
+    assert "PAGEDQ_MAX_ATTEMPTS" in capsys.readouterr().err

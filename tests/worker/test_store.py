@@ -1,0 +1,99 @@
+"""The SQL job store on PostgreSQL and SQLite: idempotent submit, safe claims, fenced finish."""
+
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from worker.migrate import run_alembic
+from worker.models import JobStatus
+from worker.records import ClaimOutcome, Completion, JobMetrics
+from worker.schemas import parse_job
+from worker.store import JobStore
+
+
+@pytest.fixture(params=["postgres", "sqlite"])
+def store(request, sqlite_url):
+    url = request.getfixturevalue("new_pg_database")() if request.param == "postgres" \
+        else sqlite_url
+    run_alembic(url)
+    store = JobStore.from_url(url)
+    yield store
+    store.close()
+
+
+def job(prompt="hello", **fields):
+    return parse_job({"prompt": prompt, **fields})
+
+
+def metrics(attempt):
+    return JobMetrics(attempt, 0.1, 0.2, 0.01, 0.3, 4, 2, 0, 0, 0, 0, "w")
+
+
+def test_idempotency_key_returns_the_same_job(store):
+    first, other, again = store.create([job(idempotency_key="k"), job(), job(idempotency_key="k")])
+    assert first.created and other.created and not again.created
+    assert again.job_id == first.job_id != other.job_id
+    assert store.create([job(idempotency_key="k")])[0].job_id == first.job_id
+
+
+def test_failed_job_gives_its_key_up(store):
+    sub = store.create([job(idempotency_key="k")])[0]
+    claim = store.claim(sub.job_id, "w", max_attempts=3)
+    store.finish(sub.job_id, claim.spec.attempt, JobStatus.FAILED, error="boom")
+    retry = store.create([job(idempotency_key="k")])[0]
+    assert retry.created and retry.job_id != sub.job_id
+
+
+def test_only_one_of_concurrent_claims_wins(store):
+    job_id = store.create([job()])[0].job_id
+    with ThreadPoolExecutor(8) as pool:
+        claims = list(pool.map(lambda _: store.claim(job_id, "w", max_attempts=100), range(8)))
+    attempts = sorted(c.spec.attempt for c in claims if c.spec is not None)
+    # Each claim that got through holds a distinct attempt number: the fence.
+    assert attempts == list(range(1, len(attempts) + 1))
+
+
+def test_finish_is_fenced_by_the_attempt(store):
+    job_id = store.create([job()])[0].job_id
+    old = store.claim(job_id, "dead", max_attempts=3).spec
+    new = store.claim(job_id, "alive", max_attempts=3).spec  # redelivered after a crash
+    assert (old.attempt, new.attempt) == (1, 2)
+    outputs = [Completion(0, "hi", [1, 2], "length")]
+    assert store.finish(job_id, new.attempt, JobStatus.SUCCEEDED, outputs=outputs,
+                        metrics=metrics(new.attempt))
+    assert not store.finish(job_id, old.attempt, JobStatus.SUCCEEDED, outputs=outputs,
+                            metrics=metrics(old.attempt))
+    record = store.get(job_id)
+    assert record.status is JobStatus.SUCCEEDED and record.attempts == 2
+    assert [o.token_ids for o in record.outputs] == [[1, 2]]
+    assert record.metrics.attempt == 2
+    assert store.claim(job_id, "late", max_attempts=3).outcome is ClaimOutcome.FINISHED
+
+
+def test_too_many_attempts_fail_the_job(store):
+    job_id = store.create([job()])[0].job_id
+    for _ in range(2):
+        assert store.claim(job_id, "w", max_attempts=2).outcome is ClaimOutcome.CLAIMED
+    assert store.claim(job_id, "w", max_attempts=2).outcome is ClaimOutcome.EXHAUSTED
+    record = store.get(job_id)
+    assert record.status is JobStatus.FAILED and "2 attempts" in record.error
+
+
+def test_cancel_queued_and_running(store):
+    queued, running = (s.job_id for s in store.create([job(), job()]))
+    store.claim(running, "w", max_attempts=3)
+    assert store.request_cancel(queued) is JobStatus.QUEUED
+    assert store.request_cancel(running) is JobStatus.RUNNING
+    assert store.get(queued).status is JobStatus.CANCELLED
+    assert store.claim(queued, "w", 3).outcome is ClaimOutcome.FINISHED
+    # A running job flagged for cancel is not started again after a crash.
+    assert store.claim(running, "w", 3).outcome is ClaimOutcome.CANCELLED
+    assert store.request_cancel("no-such-job") is None
+
+
+def test_token_prompt_and_params_round_trip(store):
+    job_id = store.create([job([3, 1, 4], params={"temperature": 0, "stop": ["."]})])[0].job_id
+    spec = store.claim(job_id, "w", 3).spec
+    assert spec.prompt == [3, 1, 4]
+    assert spec.params["temperature"] == 0 and spec.params["stop"] == ["."]
+    assert spec.created_at.tzinfo is not None
