@@ -149,6 +149,10 @@ class TcpProxy:
     def cut(self) -> None:
         with self._lock:
             assert self._server is not None
+            # shutdown() wakes the thread blocked in accept(); close() alone
+            # would leave the port bound until then.
+            with suppress(OSError):
+                self._server.shutdown(socket.SHUT_RDWR)
             self._server.close()
             for link in self._links:
                 with suppress(OSError):

@@ -1,0 +1,52 @@
+"""The database goes away while a job runs: the job is retried, not lost."""
+
+import time
+
+from sqlalchemy import make_url
+
+from tests.worker.services import TcpProxy, WorkerProcess, engine_fields
+from worker.client import Client
+from worker.migrate import run_alembic
+from worker.models import JobStatus
+from worker.settings import load_settings
+
+
+def test_job_survives_a_database_outage(redis_url, new_pg_database, tiny_llama_dir, tmp_path):
+    direct = new_pg_database()
+    run_alembic(direct)
+    url = make_url(direct)
+    proxy = TcpProxy((url.host, url.port or 5432))
+    proxy.start()
+    # The worker reaches PostgreSQL only through the proxy; the test talks to it directly.
+    worker_fields = engine_fields(tiny_llama_dir, database_url=url.set(
+        host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False))
+    client = Client(load_settings(**{**worker_fields, "database_url": direct}))
+    worker = WorkerProcess(worker_fields, tmp_path, "outage")
+    try:
+        worker.start(client)
+        job_id = client.submit("through the outage", {"max_tokens": 48, "ignore_eos": True,
+                                                     "temperature": 0})
+        _until(lambda: client.get(job_id).status is JobStatus.RUNNING)
+        proxy.cut()
+        # Let the engine finish the request while the database is away, so the
+        # worker's final write is the one that fails.
+        _until(lambda: worker.engine_stats(client)["jobs_in_engine"] == 0)
+        time.sleep(1.0)
+        assert client.get(job_id).status is JobStatus.RUNNING
+        proxy.start()
+        record = client.wait(job_id, timeout=60)
+        assert record.status is JobStatus.SUCCEEDED
+        assert record.attempts == 2  # the lost attempt, then the retry
+        assert record.metrics.attempt == 2 and len(record.outputs[0].token_ids) == 48
+        assert "retrying" in worker.log_tail(20_000)
+    finally:
+        worker.stop()
+        client.close()
+        proxy.cut()
+
+
+def _until(condition, timeout=60.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.05)

@@ -1,0 +1,118 @@
+"""End to end: a worker subprocess on the tiny checkpoint, jobs through Redis, results in SQL."""
+
+import time
+
+import pytest
+
+from tests.worker.services import engine_fields, stack
+from worker.models import JobStatus
+
+PROMPTS = [f"Job {i}: the {'quick ' * (i % 5)}brown fox number {i * 7}" for i in range(64)]
+MAX_TOKENS = 8
+
+
+@pytest.fixture(scope="module")
+def offline(tiny_llama_dir):
+    """The same prompts through the engine in this process: what the jobs must return."""
+    from engine import LLM, SamplingParams
+
+    fields = engine_fields(tiny_llama_dir)
+    llm = LLM(fields["model"], dtype="float32", device="cpu",
+              num_device_blocks=fields["num_device_blocks"],
+              swap_space_gib=fields["swap_space_gib"], max_num_seqs=fields["max_num_seqs"])
+    outs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=MAX_TOKENS),
+                        use_tqdm=False)
+    return [out.outputs[0].token_ids for out in outs]
+
+
+@pytest.fixture(scope="module", params=["postgres", "sqlite"])
+def running(request, tmp_path_factory, tiny_llama_dir):
+    if request.param == "postgres":
+        yield request.getfixturevalue("pg_stack")
+        return
+    request.getfixturevalue("redis_url")
+    folder = tmp_path_factory.mktemp("sqlite-worker")
+    fields = engine_fields(tiny_llama_dir, database_url=f"sqlite:///{folder / 'jobs.db'}")
+    with stack(fields, folder, "sqlite") as sqlite_stack:
+        yield sqlite_stack
+
+
+def test_64_jobs_batch_together_and_match_offline(running, offline):
+    client = running.client
+    ids = client.submit_many([{"prompt": p, "params": {"temperature": 0, "max_tokens": MAX_TOKENS}}
+                              for p in PROMPTS])
+    assert len(set(ids)) == 64
+    records = [client.wait(job_id, timeout=180) for job_id in ids]
+    assert [r.status for r in records] == [JobStatus.SUCCEEDED] * 64
+    mismatched = [i for i, r in enumerate(records) if r.outputs[0].token_ids != offline[i]]
+    assert not mismatched, [(records[i].outputs[0].token_ids, offline[i]) for i in mismatched]
+    for record in records:
+        m = record.metrics
+        assert record.attempts == 1 and m.attempt == 1
+        assert m.generated_tokens == len(record.outputs[0].token_ids)
+        assert m.prompt_tokens > 0
+        assert 0 <= m.queue_time_s <= m.ttft_s <= m.e2e_s
+        assert m.worker == running.worker.hostname
+    stats = running.worker.engine_stats(client)
+    assert stats["peak_running"] >= 8, stats
+    assert stats["kv_blocks_used"] == 0  # every block freed once the jobs finished
+
+
+def test_cancel_a_long_job_leaves_the_others_alone(pg_stack):
+    client = pg_stack.client
+    long_job = client.submit("a very long story", {"max_tokens": 900, "ignore_eos": True})
+    others = client.submit_many([{"prompt": f"short {i}", "params": {"max_tokens": 6}}
+                                 for i in range(4)])
+    _wait_for(lambda: client.get(long_job).status is JobStatus.RUNNING)
+    started = time.monotonic()
+    assert client.cancel(long_job)
+    record = client.wait(long_job, timeout=2)
+    assert time.monotonic() - started < 2
+    assert record.status is JobStatus.CANCELLED
+    assert record.outputs[0].finish_reason == "abort"
+    assert all(client.wait(j, timeout=60).status is JobStatus.SUCCEEDED for j in others)
+    assert not client.cancel(long_job)  # already finished
+
+
+def test_cancel_a_queued_job(pg_stack):
+    client = pg_stack.client
+    # Flood the worker so that the last job is still queued when cancelled.
+    ids = client.submit_many([{"prompt": f"filler {i}", "params": {"max_tokens": 8}}
+                              for i in range(24)])
+    assert client.cancel(ids[-1])
+    assert client.wait(ids[-1], timeout=60).status is JobStatus.CANCELLED
+    assert all(client.wait(j, timeout=120).status is JobStatus.SUCCEEDED for j in ids[:-1])
+
+
+def test_deadline_exceeded_fails_with_a_clear_error(pg_stack):
+    client = pg_stack.client
+    job_id = client.submit("never ending", {"max_tokens": 900, "ignore_eos": True},
+                           deadline_s=0.5)
+    record = client.wait(job_id, timeout=30)
+    assert record.status is JobStatus.FAILED
+    assert "deadline exceeded" in record.error and "0.5 s" in record.error
+    assert record.metrics is not None and record.metrics.e2e_s < 10
+
+
+def test_prompt_longer_than_the_model_fails_without_retry(pg_stack):
+    client = pg_stack.client
+    job_id = client.submit("word " * 3000, {"max_tokens": 4})
+    record = client.wait(job_id, timeout=30)
+    assert record.status is JobStatus.FAILED and record.attempts == 1
+    assert "max_model_len" in record.error
+
+
+def test_chat_template_is_applied_by_the_worker(pg_stack):
+    client = pg_stack.client
+    plain = client.wait(client.submit("Hi", {"max_tokens": 4, "temperature": 0}), timeout=30)
+    chat = client.wait(client.submit("Hi", {"max_tokens": 4, "temperature": 0}, chat=True),
+                       timeout=30)
+    assert plain.status is chat.status is JobStatus.SUCCEEDED
+    assert chat.metrics.prompt_tokens > plain.metrics.prompt_tokens
+
+
+def _wait_for(condition, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.02)
