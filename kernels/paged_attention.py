@@ -259,6 +259,39 @@ def _choose_splits(num_programs: int, max_seq_len: int, device: torch.device) ->
     return max(1, min(math.ceil(wanted / num_programs), by_length, _MAX_SPLITS))
 
 
+@dataclass(frozen=True)
+class _Plan:
+    shape: _Shape
+    block_m: int
+    num_q_blocks: int
+    num_splits: int
+    one_block_per_seq: bool
+
+
+def _plan(
+    num_tokens: int,
+    num_seqs: int,
+    num_kv_heads: int,
+    group: int,
+    max_query_len: int,
+    max_seq_len: int,
+    num_splits: int | None,
+    device: torch.device,
+) -> _Plan:
+    """Pick the mode: decode-like (one query block per sequence, maybe split) or prefill."""
+    block_m = max(_DECODE.rows, triton.next_power_of_2(group))
+    # When every sequence's new tokens fit one query block, program i takes
+    # sequence i and needs no search.
+    if max_query_len <= block_m // group:
+        if num_splits is None:
+            num_splits = _choose_splits(num_seqs * num_kv_heads, max_seq_len, device)
+        return _Plan(_DECODE, block_m, num_seqs, num_splits, one_block_per_seq=True)
+    block_m = max(_PREFILL.rows, block_m)
+    # Each sequence may end in one partly filled block: at most num_seqs more.
+    num_q_blocks = num_tokens // (block_m // group) + num_seqs
+    return _Plan(_PREFILL, block_m, num_q_blocks, 1, one_block_per_seq=False)
+
+
 def _last_dim_contiguous(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
@@ -301,33 +334,22 @@ def paged_attention(
     group = num_heads // num_kv_heads
     query = _last_dim_contiguous(query)
 
-    # A query block holds rows // group tokens; when every sequence's new tokens
-    # fit one block (decode), program i takes sequence i and no search is needed.
-    block_m = max(_DECODE.rows, triton.next_power_of_2(group))
-    one_block_per_seq = max_query_len <= block_m // group
-    if one_block_per_seq:
-        shape = _DECODE
-        num_q_blocks = num_seqs
-        if num_splits is None:
-            num_splits = _choose_splits(num_seqs * num_kv_heads, max_seq_len, query.device)
-    else:
-        shape = _PREFILL
-        block_m = max(shape.rows, block_m)
-        # Each sequence may end in one partly filled block: at most num_seqs more.
-        num_q_blocks = num_tokens // (block_m // group) + num_seqs
-        num_splits = 1
+    plan = _plan(
+        num_tokens, num_seqs, num_kv_heads, group, max_query_len, max_seq_len, num_splits,
+        query.device,
+    )  # fmt: skip
     block_d = triton.next_power_of_2(head_dim)
 
     part_out = part_lse = out  # placeholders, never touched without a split
-    if num_splits > 1:
-        part_lse = query.new_empty((num_tokens, num_heads, num_splits), dtype=torch.float32)
+    if plan.num_splits > 1:
+        part_lse = query.new_empty((num_tokens, num_heads, plan.num_splits), dtype=torch.float32)
         part_out = part_lse.new_empty((*part_lse.shape, block_d))
     dot_dtype = _DOT_DTYPES[k_cache.dtype]
     if _INTERPRETED and dot_dtype == tl.bfloat16:
         dot_dtype = tl.float32
     # Float32 caches get true float32 products, not the tensor cores' tf32.
     precision = "ieee" if dot_dtype == tl.float32 else "tf32"
-    _attention_kernel[(num_q_blocks, num_kv_heads, num_splits)](
+    _attention_kernel[(plan.num_q_blocks, num_kv_heads, plan.num_splits)](
         out, query, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
         part_out, part_lse,
         scale * _LOG2E, num_seqs,
@@ -336,15 +358,15 @@ def paged_attention(
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0),
         NUM_HEADS=num_heads, GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d,
-        BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_Q=block_m // group,
-        TILE_N=shape.tile_n(block_d), NUM_SPLITS=num_splits, ONE_BLOCK_PER_SEQ=one_block_per_seq,
-        DOT_DTYPE=dot_dtype, DOT_PRECISION=precision,
-        num_warps=shape.num_warps, num_stages=shape.num_stages,
+        BLOCK_SIZE=block_size, BLOCK_M=plan.block_m, BLOCK_Q=plan.block_m // group,
+        TILE_N=plan.shape.tile_n(block_d), NUM_SPLITS=plan.num_splits,
+        ONE_BLOCK_PER_SEQ=plan.one_block_per_seq, DOT_DTYPE=dot_dtype, DOT_PRECISION=precision,
+        num_warps=plan.shape.num_warps, num_stages=plan.shape.num_stages,
     )  # fmt: skip
-    if num_splits > 1:
+    if plan.num_splits > 1:
         _merge_splits_kernel[(num_tokens, num_heads)](
             out, part_out, part_lse, out.stride(0), out.stride(1),
             NUM_HEADS=num_heads, HEAD_DIM=head_dim, BLOCK_D=block_d,
-            NUM_SPLITS=num_splits, BLOCK_S=triton.next_power_of_2(num_splits),
+            NUM_SPLITS=plan.num_splits, BLOCK_S=triton.next_power_of_2(plan.num_splits),
         )  # fmt: skip
     return out

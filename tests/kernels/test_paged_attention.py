@@ -150,6 +150,16 @@ def test_split_decode_merges_exactly(
     check(batch, dtype, num_splits=num_splits)
 
 
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_short_chunks_in_decode_mode(device: torch.device, num_splits: int) -> None:
+    # Chunks of up to 5 tokens (16 rows // group 3) share the decode path and its
+    # split. At 260 keys in 3 splits, the last split holds keys 256.. that the
+    # chunk's first token (position 255) must not see: it merges an empty split.
+    seqs = [(1, 1), (40, 2), (260, 5), (17, 3)]
+    batch = make_batch(seqs, block_size=16, dtype=torch.float32, device=device, **SMOLLM2)
+    check(batch, torch.float32, num_splits=num_splits)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("seqs", [decode_seqs(16), mixed_seqs(16)], ids=["decode", "mixed"])
 def test_llama_heads(device: torch.device, dtype: torch.dtype, seqs: list[tuple[int, int]]) -> None:
