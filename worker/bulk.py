@@ -122,7 +122,8 @@ class Summary:
 
 
 def run_bulk(docs: Path, out: Path, options: JobOptions, backend: Backend,
-             errors: TextIO = sys.stderr, progress: bool = True) -> Summary:
+             errors: TextIO | None = None, progress: bool = True) -> Summary:
+    errors = errors or sys.stderr
     summary = Summary()
     done = finished_ids(out)
     todo: list[Document] = []

@@ -8,7 +8,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from worker.client import BrokerUnavailable
 from worker.documents import DEFAULT_TEMPLATE, JobOptions, check_template
+from worker.migrate import SchemaOutOfDate
 from worker.schemas import QueueKind
 from worker.settings import Settings, SettingsError, load_settings
 
@@ -20,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides = {"model": args.model} if getattr(args, "model", None) else {}
         settings = load_settings(**overrides)
         return args.command(settings, args) or 0
-    except (SettingsError, ValueError) as exc:
+    except (SettingsError, SchemaOutOfDate, BrokerUnavailable, FileNotFoundError) as exc:
         print(f"pagedq: {exc}", file=sys.stderr)
         return 2
 
@@ -77,9 +79,7 @@ def _job_options(args: argparse.Namespace) -> JobOptions:
     defaults = {name: value for name, value in
                 (("max_tokens", args.max_tokens), ("temperature", args.temperature))
                 if value is not None}
-    # A shell or Makefile passes "\n" through as two characters; mean a newline.
-    template = args.template.replace("\\n", "\n").replace("\\t", "\t")
-    return JobOptions(template=check_template(template), chat=args.chat,
+    return JobOptions(template=args.template, chat=args.chat,
                       queue=QueueKind(args.queue), priority=args.priority, defaults=defaults)
 
 
@@ -109,7 +109,10 @@ def _run(settings: Settings, args: argparse.Namespace) -> int:
         return LLMEngine(EngineConfig(**settings.engine_kwargs()))
 
     service = EngineService(build)
-    service.start()
+    try:
+        service.start()
+    except ValueError as exc:  # the engine names the bad knob
+        raise SettingsError(f"the engine refused its settings: {exc}") from exc
     store = JobStore.from_url(settings.database_url)
     try:
         runner = JobRunner(store, service, settings)
@@ -120,6 +123,15 @@ def _run(settings: Settings, args: argparse.Namespace) -> int:
         store.close()
     print(summary.table())
     return 0 if summary.failed == 0 else 1
+
+
+def _template(text: str) -> str:
+    # A shell or Makefile passes "\\n" through as two characters; mean a newline.
+    text = text.replace("\\n", "\n").replace("\\t", "\t")
+    try:
+        return check_template(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -155,7 +167,7 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("docs", type=Path, help="input JSONL: id and prompt, or id and text")
         p.add_argument("-o", "--output", type=Path, required=True,
                        help="results JSONL; re-running resumes where it stopped")
-        p.add_argument("--template", default=DEFAULT_TEMPLATE,
+        p.add_argument("--template", default=DEFAULT_TEMPLATE, type=_template,
                        help='prompt built from a line\'s fields, e.g. "Summarize: {text}"')
         p.add_argument("--chat", action="store_true",
                        help="wrap each prompt in the model's chat template")

@@ -90,7 +90,9 @@ class EngineService:
         self._live: dict[str, _Live] = {}  # request id -> its job and future
         self._early_cancels: dict[str, float] = {}  # job id -> when the cancel came
         self._ready = threading.Event()
-        self._stopping = False
+        self._stopping = False  # seen by the loop thread
+        self._closed = False  # seen by callers
+        self._closing = threading.Lock()
         self._startup_error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="pagedq-engine", daemon=True)
         self._engine: LLMEngine | None = None
@@ -109,14 +111,22 @@ class EngineService:
 
     def stop(self, timeout: float) -> None:
         """Finish the requests already in the engine (for up to `timeout`), then stop."""
-        self._commands.put(None)
+        with self._closing:
+            self._closed = True
+            self._commands.put(None)
         self._thread.join(timeout)
 
     def submit(self, job_id: str, attempt: int, prompt: str | list[int], params: SamplingParams,
                priority: int = 0, deadline: float | None = None) -> Future[Generation]:
         future: Future[Generation] = Future()
-        self._commands.put(_Add(f"{job_id}#{attempt}", job_id, prompt, params, priority,
-                                deadline, future))
+        # Under the lock no submission can slip in behind stop()'s sentinel,
+        # where the finished loop would never answer it.
+        with self._closing:
+            if self._closed:
+                future.set_exception(EngineFailure("the worker is shutting down"))
+            else:
+                self._commands.put(_Add(f"{job_id}#{attempt}", job_id, prompt, params,
+                                        priority, deadline, future))
         return future
 
     def cancel(self, job_id: str) -> None:
@@ -139,8 +149,7 @@ class EngineService:
         finally:
             self._ready.set()
         while not (self._stopping and not self._live):
-            busy = self._engine.has_unfinished_requests()
-            self._drain(block=not busy)
+            self._drain(block=not self._engine.has_unfinished_requests())
             if self._engine.has_unfinished_requests():
                 self._step()
 
@@ -167,9 +176,6 @@ class EngineService:
         assert self._engine is not None
         if isinstance(command, _Cancel):
             self._cancel(command.job_id)
-            return
-        if self._stopping:
-            command.future.set_exception(EngineFailure("the worker is shutting down"))
             return
         if command.job_id in self._early_cancels:
             command.future.set_exception(JobCancelled(command.job_id))
