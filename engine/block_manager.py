@@ -1,7 +1,7 @@
 """Physical KV blocks: allocation, reference counts, copy-on-write, swapping, prefix caching.
 
 Plain Python over block ids; the tensors behind the ids live in the cache engine.
-Every mutation that needs data moved returns or records an explicit {src: dst}
+Every mutation that needs data moved returns or records an explicit src -> dst
 mapping for the cache engine to execute.
 """
 
@@ -92,15 +92,19 @@ class BlockManager:
 
     # ---- allocation ---------------------------------------------------------
 
-    def allocate_slots(self, seq: Sequence, num_new_tokens: int, copies: dict[int, int]) -> None:
-        """Give `seq` room for `num_new_tokens`; a shared partly filled block is copied first."""
+    def allocate_slots(self, seq: Sequence, num_new_tokens: int,
+                       copies: list[tuple[int, int]]) -> None:
+        """Give `seq` room for `num_new_tokens`; a shared partly filled block is copied first.
+
+        Copies are (src, dst) pairs: one source block can be copied for several forks.
+        """
         if self._needs_cow(seq):
             idx = seq.num_computed_tokens // self.block_size
             src = seq.block_table[idx]
             dst = self._allocate_device()
             self.device.decref(src)
             seq.block_table[idx] = dst
-            copies[src] = dst
+            copies.append((src, dst))
             self.num_cow_copies += 1
         target = self.blocks_for(seq.num_computed_tokens + num_new_tokens)
         while len(seq.block_table) < target:

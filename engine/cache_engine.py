@@ -32,10 +32,10 @@ class CacheEngine:
         if mapping:
             kernels.swap_blocks(self.cpu_cache, self.device_cache, _pairs(mapping))
 
-    def copy(self, mapping: dict[int, int]) -> None:
-        if not mapping:
+    def copy(self, pairs_list: list[tuple[int, int]]) -> None:
+        if not pairs_list:
             return
-        pairs = _pairs(mapping).to(self.device_cache.device)
+        pairs = torch.tensor(pairs_list, dtype=torch.int64, device=self.device_cache.device)
         if self.backend == "triton":
             kernels.copy_blocks(self.device_cache, pairs)
         else:

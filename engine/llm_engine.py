@@ -11,6 +11,7 @@ import time
 import torch
 
 from engine import detokenizer
+from engine.beam_search import BeamState
 from engine.block_manager import BlockManager
 from engine.cache_engine import CacheEngine
 from engine.config import EngineConfig
@@ -131,9 +132,25 @@ class LLMEngine:
             deadline=deadline,
             seed=seed if seed is not None else self._rng.getrandbits(62),
         )
+        if isinstance(params, BeamSearchParams):
+            self._check_beam_fits(token_ids, params)
+            stops = set(params.stop_token_ids) | (set() if params.ignore_eos
+                                                  else self.eos_token_ids)
+            group.beam = BeamState(params, stops)
         group.seqs.append(self._new_seq(group, 0))
         self.requests[request_id] = group
         self.scheduler.add(group)
+
+    def _check_beam_fits(self, token_ids: list[int], params: BeamSearchParams) -> None:
+        """Beams share the prompt's blocks; each needs its own blocks for what it generates."""
+        bm = self.block_manager
+        new_tokens = min(params.max_tokens, self.max_model_len - len(token_ids))
+        need = bm.blocks_for(len(token_ids)) + params.beam_width * (bm.blocks_for(new_tokens) + 1)
+        if need > bm.device.num_blocks:
+            raise ValueError(
+                f"beam search with beam_width {params.beam_width} needs up to {need} KV blocks "
+                f"but the device pool holds {bm.device.num_blocks}"
+            )
 
     def _tokenize(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, str):
@@ -219,14 +236,22 @@ class LLMEngine:
         rows: list[int] = []
         seqs: list[Sequence] = []
         params: list[SamplingParams] = []
+        beam_rows: dict[str, list[int]] = {}
+        now = time.time()
         for row, entry in enumerate(sampled):
             group, seq = entry.group, entry.seq
             touched[group.request_id] = group
-            if isinstance(group.params, SamplingParams):
-                for s in self._fork_samples(group, seq):
-                    rows.append(row)
-                    seqs.append(s)
-                    params.append(group.params)
+            if group.metrics.first_token_time is None:
+                group.metrics.first_token_time = now
+            if group.beam is not None:
+                beam_rows.setdefault(group.request_id, []).append(row)
+                continue
+            for s in self._fork_samples(group, seq):
+                rows.append(row)
+                seqs.append(s)
+                params.append(group.params)
+        for request_id, group_rows in beam_rows.items():
+            self._step_beams(touched[request_id], logits[group_rows])
         if seqs:
             results = self.sampler(logits[rows], seqs, params)
             for seq, p, res in zip(seqs, params, results, strict=True):
@@ -236,13 +261,45 @@ class LLMEngine:
         """After the prompt, a request with n > 1 forks into n sequences sharing its blocks."""
         if group.params.n == 1 or len(group.seqs) > 1:
             return [seq]
-        for i in range(1, group.params.n):
-            child = self._new_seq(group, i)
-            child.num_computed_tokens = seq.num_computed_tokens
-            child.status = SequenceStatus.RUNNING
-            self.block_manager.fork(seq, child)
-            group.seqs.append(child)
+        group.seqs.extend(self._fork(group, seq, i) for i in range(1, group.params.n))
         return group.seqs
+
+    def _fork(self, group: SequenceGroup, parent: Sequence, index: int) -> Sequence:
+        """A running copy of `parent` that shares its blocks (copy-on-write)."""
+        child = self._new_seq(group, index)
+        child.token_ids = list(parent.token_ids)
+        child.num_computed_tokens = parent.num_computed_tokens
+        child.cumulative_logprob = parent.cumulative_logprob
+        child.status = SequenceStatus.RUNNING
+        self.block_manager.fork(parent, child)
+        return child
+
+    def _step_beams(self, group: SequenceGroup, logits: torch.Tensor) -> None:
+        """Replace the group's beams by the next ones: reuse a parent for its first
+        continuation, fork it for the others, free the parents nobody continues."""
+        beams = group.seqs
+        state = group.beam
+        at_limit = (beams[0].num_output_tokens + 1 >= state.params.max_tokens
+                    or beams[0].num_tokens + 1 >= self.max_model_len)
+        nexts = state.step(logits, [b.cumulative_logprob for b in beams],
+                           [b.output_token_ids for b in beams], at_limit)
+        taken: set[int] = set()
+        new_beams = []
+        for i, cand in enumerate(nexts):
+            parent = beams[cand.parent]
+            beam = self._fork(group, parent, i) if cand.parent in taken else parent
+            taken.add(cand.parent)
+            new_beams.append(beam)
+        for i, (beam, cand) in enumerate(zip(new_beams, nexts, strict=True)):
+            beam.index = i
+            beam.token_ids.append(cand.token_id)
+            beam.cumulative_logprob = cand.cumulative_logprob
+        for i, beam in enumerate(beams):
+            if i not in taken:
+                self.scheduler.free_seq(beam)
+                beam.status = SequenceStatus.FINISHED_STOPPED
+        group.seqs = new_beams
+        self._counters["num_generated_tokens"] += len(new_beams)
 
     def _append_token(self, seq: Sequence, p: SamplingParams, token: int, logprob: float,
                       top: dict[int, float] | None) -> None:
@@ -276,30 +333,42 @@ class LLMEngine:
     # ---- outputs --------------------------------------------------------------
 
     def _finish_or_report(self, group: SequenceGroup) -> RequestOutput:
-        m = group.metrics
-        if m.first_token_time is None and any(s.num_output_tokens for s in group.seqs):
-            m.first_token_time = time.time()
-        m.num_generated_tokens = sum(s.num_output_tokens for s in group.seqs)
         finished = group.is_finished
+        outputs = self._completions(group)
+        m = group.metrics
+        m.num_generated_tokens = sum(len(o.token_ids) for o in outputs)
         if finished:
             m.finished_time = time.time()
             self.scheduler.remove(group)
             self.requests.pop(group.request_id, None)
-        outputs = [
+        return RequestOutput(group.request_id, group.prompt, group.prompt_token_ids, outputs,
+                             finished, m, group.abort_reason)
+
+    def _completions(self, group: SequenceGroup) -> list[CompletionOutput]:
+        if group.beam is not None and group.beam.done:
+            return [
+                CompletionOutput(i, self._decode(h.token_ids), h.token_ids, h.cumulative_logprob,
+                                 None, "stop" if h.stopped else "length", score=h.score)
+                for i, h in enumerate(group.beam.finished)
+            ]
+        want_logprobs = getattr(group.params, "logprobs", None) is not None
+        return [
             CompletionOutput(
                 index=s.index,
-                text=s.text,
+                text=s.text if s.detok or group.beam is None else self._decode(s.output_token_ids),
                 token_ids=s.output_token_ids,
                 cumulative_logprob=s.cumulative_logprob,
-                logprobs=s.logprobs if getattr(group.params, "logprobs", None) is not None
-                else None,
+                logprobs=s.logprobs if want_logprobs else None,
                 finish_reason=s.status.finish_reason,
                 stop_reason=s.stop_reason,
             )
             for s in sorted(group.seqs, key=lambda s: s.index)
         ]
-        return RequestOutput(group.request_id, group.prompt, group.prompt_token_ids, outputs,
-                             finished, m, group.abort_reason)
+
+    def _decode(self, token_ids: list[int]) -> str:
+        if self.tokenizer is None:
+            return ""
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
 
     def stats(self) -> EngineStats:
         bm, sched = self.block_manager, self.scheduler

@@ -14,6 +14,7 @@ class CompletionOutput:
     logprobs: list[dict[int, float]] | None
     finish_reason: str | None  # "stop" | "length" | "abort" | None while running
     stop_reason: int | str | None = None
+    score: float | None = None  # beam search: cumulative_logprob / length ** length_penalty
 
 
 @dataclass(slots=True)

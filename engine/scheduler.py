@@ -29,7 +29,7 @@ class SchedulerOutput:
     scheduled: list[ScheduledSeq] = field(default_factory=list)
     blocks_to_swap_out: dict[int, int] = field(default_factory=dict)
     blocks_to_swap_in: dict[int, int] = field(default_factory=dict)
-    blocks_to_copy: dict[int, int] = field(default_factory=dict)
+    blocks_to_copy: list[tuple[int, int]] = field(default_factory=list)
     preempted: list[SequenceGroup] = field(default_factory=list)
     never_fit: list[SequenceGroup] = field(default_factory=list)
 

@@ -7,10 +7,14 @@ it into several that share their common blocks.
 
 import enum
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from engine.sampling_params import BeamSearchParams, SamplingParams
+
+if TYPE_CHECKING:
+    from engine.beam_search import BeamState
 
 
 class SequenceStatus(enum.Enum):
@@ -127,6 +131,7 @@ class SequenceGroup:
     deadline: float | None = None
     seed: int = 0
     abort_reason: str | None = None
+    beam: "BeamState | None" = None
 
     @property
     def arrival_time(self) -> float:

@@ -29,7 +29,7 @@ def _run_step(sched: Scheduler, new_token: int = 7):
 def test_allocation_grows_only_at_block_boundaries():
     bm = BlockManager(block_size=4, num_device_blocks=8, num_cpu_blocks=0)
     seq = Sequence(0, [1, 2, 3, 4, 5], prompt_len=5)
-    copies: dict[int, int] = {}
+    copies: list[tuple[int, int]] = []
     bm.allocate_slots(seq, 5, copies)
     assert len(seq.block_table) == 2 and bm.device.num_free == 6
     seq.num_computed_tokens = 5
@@ -48,16 +48,15 @@ def test_allocation_grows_only_at_block_boundaries():
 def test_fork_shares_blocks_and_copies_the_partial_one_on_write():
     bm = BlockManager(block_size=4, num_device_blocks=8, num_cpu_blocks=0)
     parent = Sequence(0, list(range(6)), prompt_len=6)
-    bm.allocate_slots(parent, 6, {})
+    bm.allocate_slots(parent, 6, [])
     parent.num_computed_tokens = 6
     child = Sequence(1, list(range(6)), prompt_len=6, num_computed_tokens=6)
     bm.fork(parent, child)
     full, partial = parent.block_table
     assert bm.device.ref_counts[full] == 2 and bm.device.ref_counts[partial] == 2
-    copies: dict[int, int] = {}
+    copies: list[tuple[int, int]] = []
     bm.allocate_slots(child, 1, copies)
-    assert list(copies) == [partial] and child.block_table[0] == full
-    assert child.block_table[1] == copies[partial]
+    assert copies == [(partial, child.block_table[1])] and child.block_table[0] == full
     bm.allocate_slots(parent, 1, copies)  # now the parent owns its block alone: no copy
     assert len(copies) == 1 and bm.num_cow_copies == 1
     bm.free(parent)
@@ -69,7 +68,7 @@ def test_swap_round_trip_keeps_shared_blocks_shared():
     bm = BlockManager(block_size=4, num_device_blocks=8, num_cpu_blocks=8)
     group = _group("a", 6)
     parent = group.seqs[0]
-    bm.allocate_slots(parent, 6, {})
+    bm.allocate_slots(parent, 6, [])
     child = Sequence(1, list(parent.token_ids), prompt_len=6)
     bm.fork(parent, child)
     group.seqs.append(child)
@@ -112,7 +111,7 @@ def test_request_larger_than_the_pool_is_reported_not_run():
 def test_prefix_cache_reuses_blocks_and_rejects_hash_collisions(monkeypatch):
     bm = BlockManager(block_size=4, num_device_blocks=16, num_cpu_blocks=0)
     first = Sequence(0, list(range(10)), prompt_len=10)
-    bm.allocate_slots(first, 10, {})
+    bm.allocate_slots(first, 10, [])
     first.num_computed_tokens = 10
     bm.cache_full_blocks(first, 0)
     bm.free(first)
