@@ -148,10 +148,14 @@ class EngineService:
             return
         finally:
             self._ready.set()
-        while not (self._stopping and not self._live):
-            self._drain(block=not self._engine.has_unfinished_requests())
-            if self._engine.has_unfinished_requests():
-                self._step()
+        try:
+            while not (self._stopping and not self._live):
+                self._drain(block=not self._engine.has_unfinished_requests())
+                if self._engine.has_unfinished_requests():
+                    self._step()
+        except BaseException as exc:
+            log.exception("the engine loop died")
+            self._close_down(EngineFailure(f"the engine loop died: {exc!r}"))
 
     def _drain(self, block: bool) -> None:
         """Apply every waiting command, first waiting a while for one if `block`."""
@@ -220,6 +224,19 @@ class EngineService:
         for live in self._live.values():
             live.future.set_exception(error)
         self._live.clear()
+
+    def _close_down(self, error: Exception) -> None:
+        """No loop will answer anymore: fail what is in flight and what is queued."""
+        with self._closing:
+            self._closed = True
+        self._fail_all(error)
+        while True:
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(command, _Add):
+                command.future.set_exception(error)
 
     def _refresh_stats(self) -> None:
         assert self._engine is not None

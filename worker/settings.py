@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
@@ -95,14 +94,6 @@ class Settings(BaseSettings):
     @property
     def concurrency(self) -> int:
         return self.worker_concurrency or self.max_num_seqs
-
-    @property
-    def sqlite_path(self) -> Path | None:
-        """The database file when the database is a SQLite file, else None."""
-        prefix = "sqlite:///"
-        if not self.database_url.startswith(prefix) or ":memory:" in self.database_url:
-            return None
-        return Path(self.database_url[len(prefix):].split("?", 1)[0])
 
 
 def load_settings(**overrides: Any) -> Settings:

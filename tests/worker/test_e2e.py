@@ -116,3 +116,15 @@ def _wait_for(condition, timeout=30.0):
     while not condition():
         assert time.monotonic() < deadline, "condition not met in time"
         time.sleep(0.02)
+
+
+def test_interactive_jobs_overtake_queued_bulk_jobs(pg_stack):
+    client = pg_stack.client
+    bulk = client.submit_many([{"prompt": f"bulk {i}", "params": {"max_tokens": 8},
+                                "queue": "bulk"} for i in range(48)])
+    urgent = client.submit("urgent", {"max_tokens": 8})
+    urgent_started = client.wait(urgent, timeout=60).started_at
+    bulk_records = [client.wait(j, timeout=120) for j in bulk]
+    started_before = sum(r.started_at < urgent_started for r in bulk_records)
+    # At most the bulk jobs already held by the worker's threads went first.
+    assert started_before <= pg_stack.settings.concurrency + 1, started_before

@@ -77,3 +77,39 @@ def test_stop_lets_running_requests_finish(tiny_llama_dir):
     assert len(future.result(timeout=0).output.outputs[0].token_ids) == 12
     with pytest.raises(RuntimeError, match="shutting down"):
         service.submit("after", 1, "too late", params()).result(timeout=1)
+
+
+class ExplodingEngine:
+    """Takes requests, then fails in step() the way a device error would."""
+
+    def __init__(self):
+        self.requests = set()
+
+    def get_tokenizer(self):
+        return None
+
+    def add_request(self, request_id, *args, **kwargs):
+        self.requests.add(request_id)
+
+    def has_unfinished_requests(self):
+        return bool(self.requests)
+
+    def step(self):
+        raise RuntimeError("device lost")
+
+    def stats(self):
+        from engine import EngineStats
+
+        return EngineStats(0, 0, 0, 1, 1, 0, 0, 0, 0, 0, 0, 0.0)
+
+
+def test_engine_failure_fails_jobs_instead_of_hanging_them():
+    from worker.engine_service import EngineFailure
+
+    engines = iter([ExplodingEngine()])  # the rebuild after the failure fails too
+    service = EngineService(lambda: next(engines))
+    service.start()
+    with pytest.raises(EngineFailure, match="device lost"):
+        service.submit("doomed", 1, [1, 2], params()).result(timeout=10)
+    with pytest.raises(EngineFailure):
+        service.submit("later", 1, [1, 2], params()).result(timeout=10)
