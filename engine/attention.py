@@ -65,6 +65,11 @@ class TorchAttention:
         v = self._gather(v_cache, tables, ctx)
         positions = torch.arange(ctx, device=q.device)
         mask = positions[None, :] < meta.seq_lens[:d, None]  # [d, ctx]
+        # Slots past a sequence's end were never written and may hold NaN, which a
+        # mask cannot hide (NaN - inf and 0 * NaN are NaN): clear them.
+        unwritten = ~mask[:, None, :, None]
+        k = k.masked_fill(unwritten, 0.0)
+        v = v.masked_fill(unwritten, 0.0)
         out = F.scaled_dot_product_attention(
             q.unsqueeze(2), k, v, attn_mask=mask[:, None, None, :], scale=scale, enable_gqa=True
         )

@@ -62,11 +62,14 @@ class BlockManager:
         num_device_blocks: int,
         num_cpu_blocks: int,
         enable_prefix_caching: bool = True,
+        share_blocks: bool = True,
     ) -> None:
         self.block_size = block_size
         self.device = BlockPool(num_device_blocks)
         self.cpu = BlockPool(num_cpu_blocks)
         self.enable_prefix_caching = enable_prefix_caching
+        # Off only to measure what sharing saves: forks then copy every block.
+        self.share_blocks = share_blocks
         self._cached: dict[int, CachedBlock] = {}
         self._by_hash: dict[int, int] = {}
         self.num_cow_copies = 0
@@ -116,7 +119,12 @@ class BlockManager:
             pool.decref(block)
         seq.block_table = []
 
-    def fork(self, parent: Sequence, child: Sequence) -> None:
+    def fork(self, parent: Sequence, child: Sequence, copies: list[tuple[int, int]]) -> None:
+        """Give `child` the parent's blocks: shared, or (sharing off) copied into its own."""
+        if not self.share_blocks and self.device.num_free >= len(parent.block_table):
+            child.block_table = [self._allocate_device() for _ in parent.block_table]
+            copies.extend(zip(parent.block_table, child.block_table, strict=True))
+            return
         child.block_table = list(parent.block_table)
         for block in child.block_table:
             self.device.incref(block)
@@ -192,12 +200,17 @@ class BlockManager:
         self.num_hit_tokens += hit
         return hit
 
-    def cache_full_blocks(self, seq: Sequence, num_cached_before: int) -> None:
-        """Register the blocks that became full since `num_cached_before` computed tokens."""
+    def cache_full_blocks(self, seq: Sequence, num_new_tokens: int) -> None:
+        """Register the blocks that the step's `num_new_tokens` fill.
+
+        Done at scheduling time: a request admitted later in the same step may reuse
+        them, because every layer stores the step's K/V before it attends.
+        """
         if not self.enable_prefix_caching:
             return
         bs = self.block_size
-        first, last = num_cached_before // bs, seq.num_computed_tokens // bs
+        first = seq.num_computed_tokens // bs
+        last = (seq.num_computed_tokens + num_new_tokens) // bs
         for i in range(first, last):
             block = seq.block_table[i]
             if block in self._cached:

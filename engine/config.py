@@ -28,6 +28,7 @@ class EngineConfig:
     max_model_len: int | None = None
     preemption_mode: PreemptionMode = "swap"
     enable_prefix_caching: bool = True
+    share_blocks: bool = True  # False copies every block on fork (to measure sharing)
     attention_backend: AttentionBackend = "auto"
     gpu_memory_utilization: float = 0.9
     enforce_eager: bool = False

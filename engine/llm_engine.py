@@ -50,16 +50,18 @@ class LLMEngine:
                                  num_device_blocks, num_cpu_blocks, dtype, device, backend)
         model.bind_kv_cache(self.cache.device_cache)
         self.block_manager = BlockManager(config.block_size, num_device_blocks, num_cpu_blocks,
-                                          config.enable_prefix_caching)
+                                          config.enable_prefix_caching, config.share_blocks)
         self.scheduler = Scheduler(config, self.block_manager)
         self.eos_token_ids = self._eos_token_ids()
         self.sampler = Sampler(self.eos_token_ids)
         self.requests: dict[str, SequenceGroup] = {}
         self._aborted: list[SequenceGroup] = []
+        self._fork_copies: list[tuple[int, int]] = []  # executed before the next forward
         self._seq_ids = itertools.count()
         self._rng = random.Random(config.seed)
         self._counters = {"num_prompt_tokens": 0, "num_generated_tokens": 0,
-                          "peak_num_running": 0, "num_steps": 0}
+                          "peak_num_running": 0, "peak_device_blocks_used": 0,
+                          "num_steps": 0}
         logger.info("KV pool: %d device blocks (%d tokens), %d swap blocks",
                     num_device_blocks, num_device_blocks * config.block_size, num_cpu_blocks)
 
@@ -196,6 +198,9 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         self._expire_deadlines()
+        # Forks made while sampling the last step, before anything can move their blocks.
+        self.cache.copy(self._fork_copies)
+        self._fork_copies.clear()
         sched = self.scheduler.schedule()
         for group in sched.never_fit:
             self.abort_request(group.request_id, group.abort_reason)
@@ -203,8 +208,10 @@ class LLMEngine:
         self.cache.swap_in(sched.blocks_to_swap_in)
         self.cache.copy(sched.blocks_to_copy)
         touched: dict[str, SequenceGroup] = {}
-        self._counters["peak_num_running"] = max(self._counters["peak_num_running"],
-                                                 self.scheduler.num_running_seqs())
+        c, bm = self._counters, self.block_manager
+        c["peak_num_running"] = max(c["peak_num_running"], self.scheduler.num_running_seqs())
+        c["peak_device_blocks_used"] = max(c["peak_device_blocks_used"],
+                                           bm.device.num_blocks - bm.device.num_free)
         if sched.scheduled:
             logits, sampled = self.runner.execute(sched.scheduled)
             self._advance(sched.scheduled)
@@ -227,7 +234,6 @@ class LLMEngine:
             seq = entry.seq
             before = seq.num_computed_tokens
             seq.num_computed_tokens += entry.num_tokens
-            self.block_manager.cache_full_blocks(seq, before)
             self._counters["num_prompt_tokens"] += max(
                 min(seq.num_computed_tokens, seq.prompt_len) - before, 0)
 
@@ -271,7 +277,7 @@ class LLMEngine:
         child.num_computed_tokens = parent.num_computed_tokens
         child.cumulative_logprob = parent.cumulative_logprob
         child.status = SequenceStatus.RUNNING
-        self.block_manager.fork(parent, child)
+        self.block_manager.fork(parent, child, self._fork_copies)
         return child
 
     def _step_beams(self, group: SequenceGroup, logits: torch.Tensor) -> None:

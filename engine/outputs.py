@@ -45,4 +45,5 @@ class EngineStats:
     num_prompt_tokens: int = 0
     num_generated_tokens: int = 0
     peak_num_running: int = 0
+    peak_device_blocks_used: int = 0
     num_steps: int = 0

@@ -151,6 +151,7 @@ class Scheduler:
                 out: SchedulerOutput) -> int:
         for seq, n in plan:
             self.bm.allocate_slots(seq, n, out.blocks_to_copy)
+            self.bm.cache_full_blocks(seq, n)
             out.scheduled.append(ScheduledSeq(seq, group, n))
         if group.metrics.first_scheduled_time is None:
             group.metrics.first_scheduled_time = time.time()

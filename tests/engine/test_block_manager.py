@@ -51,7 +51,7 @@ def test_fork_shares_blocks_and_copies_the_partial_one_on_write():
     bm.allocate_slots(parent, 6, [])
     parent.num_computed_tokens = 6
     child = Sequence(1, list(range(6)), prompt_len=6, num_computed_tokens=6)
-    bm.fork(parent, child)
+    bm.fork(parent, child, [])
     full, partial = parent.block_table
     assert bm.device.ref_counts[full] == 2 and bm.device.ref_counts[partial] == 2
     copies: list[tuple[int, int]] = []
@@ -70,7 +70,7 @@ def test_swap_round_trip_keeps_shared_blocks_shared():
     parent = group.seqs[0]
     bm.allocate_slots(parent, 6, [])
     child = Sequence(1, list(parent.token_ids), prompt_len=6)
-    bm.fork(parent, child)
+    bm.fork(parent, child, [])
     group.seqs.append(child)
     out_map = bm.swap_out(group)
     assert len(out_map) == 2 and bm.device.num_free == 8 and bm.cpu.num_free == 6
@@ -112,8 +112,8 @@ def test_prefix_cache_reuses_blocks_and_rejects_hash_collisions(monkeypatch):
     bm = BlockManager(block_size=4, num_device_blocks=16, num_cpu_blocks=0)
     first = Sequence(0, list(range(10)), prompt_len=10)
     bm.allocate_slots(first, 10, [])
+    bm.cache_full_blocks(first, 10)
     first.num_computed_tokens = 10
-    bm.cache_full_blocks(first, 0)
     bm.free(first)
     same = Sequence(1, list(range(9)) + [99], prompt_len=10)
     assert bm.match_prefix(same) == 8  # two full blocks reused

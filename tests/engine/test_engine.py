@@ -136,3 +136,17 @@ def test_unknown_model_and_unsupported_architecture(tmp_path):
         {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}))
     with pytest.raises(ValueError, match="unsupported architecture"):
         LLM(str(tmp_path), device="cpu")
+
+
+def test_unwritten_cache_slots_are_never_read(tiny_llama_dir):
+    """A pool full of NaN gives the same tokens: only written slots reach the output."""
+    prompts = ["a short one", "a somewhat longer prompt than the first", "x"]
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    clean = _engine(tiny_llama_dir, block_size=8)
+    poisoned = _engine(tiny_llama_dir, block_size=8)
+    poisoned.cache.device_cache.fill_(float("nan"))
+    for engine in (clean, poisoned):
+        for i, p in enumerate(prompts):
+            engine.add_request(str(i), p, params)
+    want = {k: v.outputs[0].token_ids for k, v in _drain(clean).items()}
+    assert {k: v.outputs[0].token_ids for k, v in _drain(poisoned).items()} == want
