@@ -14,7 +14,7 @@ from engine import detokenizer
 from engine.beam_search import BeamState
 from engine.block_manager import BlockManager
 from engine.cache_engine import CacheEngine
-from engine.config import EngineConfig
+from engine.config import CPU_KV_CACHE_GIB, EngineConfig
 from engine.model_loader import load_config, load_model, load_tokenizer, resolve_model_path
 from engine.model_runner import ModelRunner
 from engine.outputs import CompletionOutput, EngineStats, RequestOutput
@@ -45,10 +45,14 @@ class LLMEngine:
         block_bytes = CacheEngine.block_bytes(hc.num_hidden_layers, kv_heads, head_dim,
                                               config.block_size, dtype)
         num_device_blocks = config.num_device_blocks or self._size_device_pool(block_bytes)
+        self._check_pool(num_device_blocks)
         num_cpu_blocks = int(config.swap_space_gib * 2**30 // block_bytes)
         self.cache = CacheEngine(hc.num_hidden_layers, kv_heads, head_dim, config.block_size,
                                  num_device_blocks, num_cpu_blocks, dtype, device, backend)
         model.bind_kv_cache(self.cache.device_cache)
+        if device.type == "cuda" and backend == "triton" and not config.enforce_eager:
+            self.runner.capture_graphs(config.max_num_seqs, self.max_model_len,
+                                       hc.hidden_size, dtype)
         self.block_manager = BlockManager(config.block_size, num_device_blocks, num_cpu_blocks,
                                           config.enable_prefix_caching, config.share_blocks)
         self.scheduler = Scheduler(config, self.block_manager)
@@ -62,8 +66,6 @@ class LLMEngine:
         self._counters = {"num_prompt_tokens": 0, "num_generated_tokens": 0,
                           "peak_num_running": 0, "peak_device_blocks_used": 0,
                           "num_steps": 0}
-        logger.info("KV pool: %d device blocks (%d tokens), %d swap blocks",
-                    num_device_blocks, num_device_blocks * config.block_size, num_cpu_blocks)
 
     # ---- set-up -------------------------------------------------------------
 
@@ -82,9 +84,33 @@ class LLMEngine:
         return limit
 
     def _size_device_pool(self, block_bytes: int) -> int:
-        from engine.config import CPU_KV_CACHE_GIB
+        """CPU: a fixed budget. CUDA: what a maximal step leaves of gpu_memory_utilization."""
+        if self.config.torch_device.type != "cuda":
+            return max(int(CPU_KV_CACHE_GIB * 2**30 // block_bytes), 1)
+        cfg = self.config
+        peak = self.runner.profile_peak_memory(
+            cfg.max_num_batched_tokens, self.max_model_len, cfg.max_num_seqs,
+            self.hf_config.num_key_value_heads, cfg.torch_dtype)
+        total = torch.cuda.get_device_properties(cfg.torch_device).total_memory
+        budget = total * cfg.gpu_memory_utilization - peak
+        logger.info("GPU memory: %.1f GiB total, %.2f GiB peak for a maximal step, "
+                    "%.1f GiB for the KV pool", total / 2**30, peak / 2**30,
+                    max(budget, 0) / 2**30)
+        return max(int(budget // block_bytes), 0)
 
-        return max(int(CPU_KV_CACHE_GIB * 2**30 // block_bytes), 1)
+    def _check_pool(self, num_blocks: int) -> None:
+        """Fail fast when one sequence of max_model_len cannot fit (vLLM #2418)."""
+        bs = self.config.block_size
+        per_seq = -(-self.max_model_len // bs)
+        if num_blocks < per_seq:
+            raise ValueError(
+                f"the KV pool holds {num_blocks} blocks ({num_blocks * bs} tokens) but one "
+                f"sequence of max_model_len {self.max_model_len} needs {per_seq}: lower "
+                "max_model_len, or raise gpu_memory_utilization / num_device_blocks"
+            )
+        logger.info("KV pool: %d blocks of %d tokens; max concurrency %.1f sequences of "
+                    "max_model_len %d", num_blocks, bs, num_blocks / per_seq,
+                    self.max_model_len)
 
     def _eos_token_ids(self) -> set[int]:
         ids: set[int] = set()

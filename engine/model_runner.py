@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.attention import AttentionMetadata
+from engine.cuda_graph import DecodeGraphs
 from engine.scheduler import ScheduledSeq
 
 
@@ -23,6 +24,54 @@ class ModelRunner:
         self.model = model
         self.block_size = block_size
         self.device = device
+        self.graphs: DecodeGraphs | None = None
+
+    def capture_graphs(self, max_num_seqs: int, max_model_len: int, hidden_size: int,
+                       dtype: torch.dtype) -> None:
+        max_blocks = -(-max_model_len // self.block_size)
+        self.graphs = DecodeGraphs(self.model, max_num_seqs, max_blocks, max_model_len,
+                                   hidden_size, dtype, self.device)
+
+    @torch.inference_mode()
+    def profile_peak_memory(self, num_tokens: int, max_model_len: int, num_logits: int,
+                            num_kv_heads: int, dtype: torch.dtype) -> int:
+        """Peak bytes of one maximal step (weights included), run on a scratch cache."""
+        bs = self.block_size
+        seq_lens = [min(max_model_len, num_tokens - i) for i in range(0, num_tokens,
+                                                                          max_model_len)]
+        num_blocks = sum(-(-n // bs) for n in seq_lens)
+        layers = len(self.model.layers)
+        scratch = torch.zeros(layers, 2, num_blocks, bs, num_kv_heads, self.model.head_dim,
+                              dtype=dtype, device=self.device)
+        self.model.bind_kv_cache(scratch)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        tables, first = [], 0
+        for n in seq_lens:
+            tables.append(list(range(first, first + -(-n // bs))))
+            first += len(tables[-1])
+        width = max(map(len, tables))
+        starts = [0]
+        for n in seq_lens:
+            starts.append(starts[-1] + n)
+        meta = AttentionMetadata(
+            slot_mapping=torch.arange(num_tokens, device=self.device),
+            block_tables=self._tensor([t + [0] * (width - len(t)) for t in tables], torch.int32),
+            seq_lens=self._tensor(seq_lens, torch.int32),
+            query_start_loc=self._tensor(starts, torch.int32),
+            max_query_len=max(seq_lens), max_seq_len=max(seq_lens), num_decodes=0,
+            seq_lens_cpu=seq_lens, query_lens_cpu=seq_lens,
+        )
+        ids = torch.zeros(num_tokens, dtype=torch.int64, device=self.device)
+        positions = torch.cat([torch.arange(n, device=self.device) for n in seq_lens])
+        hidden = self.model(ids, positions, meta)
+        logits = self.model.compute_logits(hidden[:num_logits])
+        torch.softmax(logits, dim=-1)  # the sampler's largest temporary
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated(self.device) - scratch.numel() * dtype.itemsize
+        del scratch, hidden, logits
+        torch.cuda.empty_cache()
+        return peak
 
     def prepare(self, scheduled: list[ScheduledSeq]) -> ModelInput:
         # Decodes first: the torch backend batches them into one attention call.
@@ -74,7 +123,10 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, scheduled: list[ScheduledSeq]) -> tuple[torch.Tensor, list[ScheduledSeq]]:
         inp = self.prepare(scheduled)
-        hidden = self.model(inp.input_ids, inp.positions, inp.meta)
+        if self.graphs is not None and self.graphs.can_run(len(scheduled), inp.meta.max_query_len):
+            hidden = self.graphs.run(inp.input_ids, inp.positions, inp.meta)
+        else:
+            hidden = self.model(inp.input_ids, inp.positions, inp.meta)
         if not inp.sampled:
             return hidden.new_empty((0, 0)), []
         return self.model.compute_logits(hidden[inp.logits_indices]), inp.sampled
