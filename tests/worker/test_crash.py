@@ -12,7 +12,7 @@ def test_killed_worker_loses_nothing(redis_url, new_pg_database, tiny_llama_dir,
     fields = engine_fields(
         tiny_llama_dir, database_url=new_pg_database(),
         # Short, so that Redis hands the abandoned messages out again soon.
-        visibility_timeout_s=8, job_deadline_s=6, worker_concurrency=32,
+        visibility_timeout_s=15, job_deadline_s=12, worker_concurrency=32,
     )
     with stack(fields, tmp_path, "doomed") as running:
         client = running.client
@@ -33,7 +33,8 @@ def test_killed_worker_loses_nothing(redis_url, new_pg_database, tiny_llama_dir,
             records = [client.wait(job_id, timeout=90) for job_id in ids]
         finally:
             rescuer.stop()
-        assert [r.status for r in records] == [JobStatus.SUCCEEDED] * 32
+        unsuccessful = [(r.status, r.error) for r in records if r.status is not JobStatus.SUCCEEDED]
+        assert not unsuccessful
         # The interrupted attempt counts; the rescuer ran the second one.
         assert all(r.attempts == 2 and r.worker == rescuer.hostname
                    for r in records if r.id in interrupted)
