@@ -19,7 +19,9 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 demo: install
-	$(VENV)/bin/pagedq run examples/docs.jsonl -o out/demo.jsonl --template "$(DEMO_TEMPLATE)"
+	rm -f out/demo.jsonl  # the bulk job resumes from its output: start afresh
+	$(VENV)/bin/pagedq run examples/docs.jsonl -o out/demo.jsonl --chat --max-tokens 64 \
+		--template "$(DEMO_TEMPLATE)"
 
 test: install
 	$(PY) -m pytest -q -m "not slow"

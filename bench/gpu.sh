@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The GPU check in one run (a few minutes on an H100/H200): CUDA greedy parity with
+# Transformers, the seed's table and the 256-request throughput workload on SmolLM2's
+# shape and on a ~1B Llama (random weights, bf16), then the decode-attention kernels.
+#   bash bench/gpu.sh [OUTDIR]      results and logs under OUTDIR (default out/gpu)
+#   bash bench/gpu.sh --dry-run     the same steps at toy sizes, on whatever device is here
+set -u
+dry=0
+if [ "${1:-}" = "--dry-run" ]; then dry=1; shift; fi
+out=${1:-out/gpu}
+mkdir -p "$out"
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1
+py=${PYTHON:-python3}
+quick=()
+[ $dry = 1 ] && quick=(--quick)
+
+step() {  # step NAME SECONDS CMD...: run with a time limit, keep the log, go on if it fails
+    local name=$1 limit=$2
+    shift 2
+    echo "== $name (limit ${limit}s)"
+    timeout "$limit" "$@" >"$out/$name.log" 2>&1
+    echo "exit $? ($name)"
+    tail -n 30 "$out/$name.log"
+}
+
+if [ $dry = 0 ]; then
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+    step parity 90 "$py" bench/gpu_parity.py
+fi
+for shape in smollm2 llama-1b; do
+    step "throughput-$shape" 110 "$py" bench/throughput.py --random-model "$shape" \
+        --dtype bfloat16 "${quick[@]}" --out "$out/throughput-$shape.md"
+done
+if [ $dry = 0 ] && [ "${KERNELS:-0}" = 1 ]; then
+    step kernels 90 "$py" bench/kernels.py --out "$out/kernels.md"
+fi
+echo "== tables"
+cat "$out"/*.md 2>/dev/null
