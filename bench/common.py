@@ -1,0 +1,97 @@
+"""Helpers shared by the benchmark scripts: the machine's name, timing, markdown
+tables and randomly initialised checkpoints of known shapes."""
+
+import platform
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TypeVar
+
+import torch
+
+T = TypeVar("T")
+
+# Shapes of the random checkpoints (Llama architecture). "smollm2" is SmolLM2-135M's;
+# "llama-1b" is a ~1.1B-parameter Llama (Llama-3.2-1B's body with a 32k vocabulary).
+RANDOM_MODELS: dict[str, dict] = {
+    "smollm2": dict(
+        hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+        num_key_value_heads=3, head_dim=64, vocab_size=49152, tie_word_embeddings=True,
+        max_position_embeddings=8192, rope_parameters={"rope_theta": 100000.0,
+                                                       "rope_type": "default"},
+    ),
+    "llama-1b": dict(
+        hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+        num_key_value_heads=8, head_dim=64, vocab_size=32000, tie_word_embeddings=False,
+        max_position_embeddings=4096, rope_parameters={"rope_theta": 500000.0,
+                                                       "rope_type": "default"},
+    ),
+}
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def machine_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU model and core count from /proc/cpuinfo."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or "unknown CPU"
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return f"{model}, {torch.get_num_threads()} threads"
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], T], device: torch.device) -> tuple[T, float]:
+    """Run fn once; return its result and its wall time in seconds (device work included)."""
+    synchronize(device)
+    start = time.perf_counter()
+    result = fn()
+    synchronize(device)
+    return result, time.perf_counter() - start
+
+
+def matmul_flops(m: int, k: int, n: int, dtype: torch.dtype, device: torch.device,
+                 repeats: int = 50) -> float:
+    """FLOP/s of a plain [m x k] @ [k x n] matmul (median of `repeats` timed runs)."""
+    a = torch.randn(m, k, dtype=dtype, device=device)
+    b = torch.randn(k, n, dtype=dtype, device=device)
+    for _ in range(5):
+        a @ b
+    times = sorted(timed(lambda: a @ b, device)[1] for _ in range(repeats))
+    return 2 * m * k * n / times[len(times) // 2]
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A markdown table; floats get 2 decimals unless already formatted as str."""
+    def cell(value: object) -> str:
+        return f"{value:,.2f}" if isinstance(value, float) else str(value)
+
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def build_random_checkpoint(shape: str, path: Path, dtype: torch.dtype,
+                            device: torch.device, seed: int = 0) -> Path:
+    """Write a randomly initialised Llama checkpoint of a known shape (no tokenizer)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**RANDOM_MODELS[shape], bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(seed)
+    with torch.device(device):  # initialising 1B parameters is much faster on a GPU
+        model = LlamaForCausalLM(config).to(dtype)
+    model.save_pretrained(path)
+    return path

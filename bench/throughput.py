@@ -1,0 +1,324 @@
+"""Throughput of pagedq against Hugging Face Transformers' `generate`, in one process.
+
+Same model, prompts (random token ids), output lengths and dtype for both; greedy,
+EOS ignored so every request produces exactly the tokens it asked for. Prints:
+  (a) the seed's table: wall time of one batch of B prompts x 128 new tokens;
+  (b) a 256-request workload with seeded random prompt (16-512) and output (16-256)
+      lengths; Transformers runs it in static batches of 32 (left padding, each batch
+      runs to its longest output; only the requested tokens count as output);
+  (c) achieved FLOP/s on (b) as a fraction of a plain matmul's FLOP/s in the same run.
+
+    python bench/throughput.py [--quick] [--random-model smollm2|llama-1b] [--out f.md]
+"""
+
+import argparse
+import random
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+# `python bench/throughput.py` puts bench/ first on sys.path, where bench/kernels.py
+# would shadow the repository's `kernels` package: import from the repository root.
+sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
+
+import torch  # noqa: E402
+from transformers import AutoModelForCausalLM, PretrainedConfig  # noqa: E402
+from transformers.utils import logging as hf_logging  # noqa: E402
+
+from bench.common import (  # noqa: E402
+    RANDOM_MODELS,
+    build_random_checkpoint,
+    machine_name,
+    markdown_table,
+    matmul_flops,
+    resolve_device,
+    timed,
+)
+from engine import LLM, SamplingParams  # noqa: E402
+
+SEED = 0
+FIRST_TOKEN_ID = 100  # prompts draw ids above the special tokens at the start of the vocab
+PAD_ID = 0
+MAX_NUM_BATCHED_TOKENS = 8192
+GPU_MEMORY_UTILIZATION = 0.6  # Transformers shares the GPU with the engine in this process
+
+
+@dataclass(frozen=True)
+class Sizes:
+    batches: tuple[int, ...]        # (a) batch sizes
+    new_tokens: int                 # (a) tokens generated per prompt
+    prompt_len: int                 # (a) tokens per prompt
+    requests: int                   # (b) number of requests
+    prompt_lens: tuple[int, int]    # (b) inclusive range of prompt lengths
+    output_lens: tuple[int, int]    # (b) inclusive range of output lengths
+    hf_batch: int                   # (b) Transformers' static batch size
+
+
+FULL = Sizes((4, 8, 16, 32), 128, 32, 256, (16, 512), (16, 256), 32)
+QUICK = Sizes((2, 4), 16, 16, 12, (16, 64), (4, 32), 4)
+
+
+@dataclass(frozen=True)
+class Request:
+    prompt: list[int]
+    output_len: int
+
+
+@dataclass(frozen=True)
+class LatencyRow:
+    batch: int
+    engine_s: float
+    hf_s: float
+
+
+@dataclass(frozen=True)
+class WorkloadResult:
+    requests: list[Request]
+    engine_s: float
+    hf_s: float
+    engine_preemptions: int
+
+    @property
+    def output_tokens(self) -> int:
+        return sum(r.output_len for r in self.requests)
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(len(r.prompt) for r in self.requests)
+
+
+# ---- prompts --------------------------------------------------------------------
+
+
+def random_prompt(rng: random.Random, length: int, vocab: int) -> list[int]:
+    return [rng.randrange(FIRST_TOKEN_ID, vocab) for _ in range(length)]
+
+
+def make_workload(sizes: Sizes, vocab: int, rng: random.Random) -> list[Request]:
+    return [Request(random_prompt(rng, rng.randint(*sizes.prompt_lens), vocab),
+                    rng.randint(*sizes.output_lens))
+            for _ in range(sizes.requests)]
+
+
+# ---- the two systems --------------------------------------------------------------
+
+
+def run_engine(llm: LLM, requests: list[Request]) -> None:
+    """All requests in one `generate` call; the engine batches them continuously."""
+    params = [SamplingParams(temperature=0, max_tokens=r.output_len, ignore_eos=True)
+              for r in requests]
+    outs = llm.generate([r.prompt for r in requests], params, use_tqdm=False)
+    produced = [len(o.outputs[0].token_ids) for o in outs]
+    if produced != [r.output_len for r in requests]:
+        raise RuntimeError(f"engine produced {produced} tokens, asked for "
+                           f"{[r.output_len for r in requests]}")
+
+
+def run_hf_batch(model: torch.nn.Module, prompts: list[list[int]], new_tokens: int) -> None:
+    """One static batch: prompts padded on the left, every row generates `new_tokens`."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), PAD_ID, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt):] = torch.tensor(prompt)
+        mask[row, width - len(prompt):] = 1
+    out = model.generate(ids.to(model.device), attention_mask=mask.to(model.device),
+                         max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                         do_sample=False, pad_token_id=PAD_ID)
+    if out.shape[1] != width + new_tokens:
+        raise RuntimeError(f"transformers generated {out.shape[1] - width} tokens, "
+                           f"asked for {new_tokens}")
+
+
+def run_hf(model: torch.nn.Module, requests: list[Request], batch_size: int) -> None:
+    """Static batches in arrival order; each runs until its longest output is done."""
+    for i in range(0, len(requests), batch_size):
+        batch = requests[i:i + batch_size]
+        run_hf_batch(model, [r.prompt for r in batch], max(r.output_len for r in batch))
+
+
+def load_hf(path: Path, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
+    hf_logging.set_verbosity_error()  # generation-config chatter
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+
+
+# ---- measurements ---------------------------------------------------------------
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def warm_up(llm: LLM, hf: torch.nn.Module, sizes: Sizes, vocab: int,
+            rng: random.Random) -> None:
+    """One small batch through each system, so one-time costs stay out of the timings."""
+    requests = [Request(random_prompt(rng, sizes.prompt_len, vocab), 4)
+                for _ in range(max(sizes.batches))]
+    run_engine(llm, requests)
+    run_hf(hf, requests, len(requests))
+
+
+def measure_latency(llm: LLM, hf: torch.nn.Module, sizes: Sizes, vocab: int,
+                    rng: random.Random, device: torch.device) -> list[LatencyRow]:
+    """(a): the same B prompts through both systems, B from the table's batch sizes."""
+    rows = []
+    for b in sizes.batches:
+        requests = [Request(random_prompt(rng, sizes.prompt_len, vocab), sizes.new_tokens)
+                    for _ in range(b)]
+        _, engine_s = timed(lambda: run_engine(llm, requests), device)  # noqa: B023
+        _, hf_s = timed(lambda: run_hf(hf, requests, b), device)  # noqa: B023
+        log(f"(a) B={b}: pagedq {engine_s:.2f} s, transformers {hf_s:.2f} s")
+        rows.append(LatencyRow(b, engine_s, hf_s))
+    return rows
+
+
+def measure_workload(llm: LLM, hf: torch.nn.Module, sizes: Sizes, vocab: int,
+                     rng: random.Random, device: torch.device) -> WorkloadResult:
+    """(b): the seeded variable-length workload through both systems."""
+    requests = make_workload(sizes, vocab, rng)
+    preemptions = llm.engine.stats().num_preemptions
+    _, engine_s = timed(lambda: run_engine(llm, requests), device)
+    preemptions = llm.engine.stats().num_preemptions - preemptions
+    log(f"(b) pagedq: {engine_s:.2f} s")
+    _, hf_s = timed(lambda: run_hf(hf, requests, sizes.hf_batch), device)
+    log(f"(b) transformers: {hf_s:.2f} s")
+    return WorkloadResult(requests, engine_s, hf_s, preemptions)
+
+
+def workload_flops(config: PretrainedConfig, requests: list[Request]) -> float:
+    """Useful FLOPs of a workload: 2 x weights x tokens through the decoder layers,
+    the LM head on every sampled position, and causal attention (QK^T and PV) without
+    padding. A request's prompt and all but its last output token pass the model."""
+    c = config
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    q_size, kv_size = c.num_attention_heads * head_dim, c.num_key_value_heads * head_dim
+    layer_weights = (c.hidden_size * (q_size + 2 * kv_size) + q_size * c.hidden_size
+                     + 3 * c.hidden_size * c.intermediate_size)
+    total = 0.0
+    for r in requests:
+        tokens = len(r.prompt) + r.output_len - 1
+        total += 2 * c.num_hidden_layers * layer_weights * tokens
+        total += 2 * c.hidden_size * c.vocab_size * r.output_len
+        total += c.num_hidden_layers * 4 * q_size * tokens * (tokens + 1) / 2
+    return total
+
+
+# ---- report ---------------------------------------------------------------------
+
+
+def render(header: dict[str, str], sizes: Sizes, latency: list[LatencyRow],
+           work: WorkloadResult, flops: float, matmul: float) -> str:
+    head = "\n".join(f"- {key}: {value}" for key, value in header.items())
+    table_a = markdown_table(
+        ["batch", "pagedq (s)", "transformers (s)", "transformers / pagedq"],
+        [(r.batch, r.engine_s, r.hf_s, f"{r.hf_s / r.engine_s:.2f}x") for r in latency],
+    )
+    out_tokens = work.output_tokens
+    table_b = markdown_table(
+        ["system", "time (s)", "output tok/s", "total tok/s", "vs transformers"],
+        [("pagedq", work.engine_s, out_tokens / work.engine_s,
+          (out_tokens + work.prompt_tokens) / work.engine_s, f"{work.hf_s / work.engine_s:.2f}x"),
+         (f"transformers (static batches of {sizes.hf_batch})", work.hf_s,
+          out_tokens / work.hf_s, (out_tokens + work.prompt_tokens) / work.hf_s, "1.00x")],
+    )
+    table_c = markdown_table(
+        ["system", "achieved GFLOP/s", "fraction of matmul"],
+        [("pagedq", flops / work.engine_s / 1e9, f"{flops / work.engine_s / matmul:.1%}"),
+         ("transformers", flops / work.hf_s / 1e9, f"{flops / work.hf_s / matmul:.1%}")],
+    )
+    prompt_lens = [len(r.prompt) for r in work.requests]
+    output_lens = [r.output_len for r in work.requests]
+    return "\n\n".join([
+        head,
+        f"**(a) One batch of B prompts x {sizes.new_tokens} new tokens** "
+        f"({sizes.prompt_len}-token prompts, greedy, EOS ignored; wall time)",
+        table_a,
+        f"**(b) {len(work.requests)}-request workload** (prompts "
+        f"{min(prompt_lens)}-{max(prompt_lens)} tokens, mean {statistics.mean(prompt_lens):.0f}; "
+        f"outputs {min(output_lens)}-{max(output_lens)}, mean "
+        f"{statistics.mean(output_lens):.0f}; {out_tokens} output tokens; seed {SEED}; "
+        f"pagedq preemptions: {work.engine_preemptions})",
+        table_b,
+        f"**(c) FLOP/s on (b)** ({flops / 1e12:.2f} useful TFLOP; plain matmul "
+        f"{matmul / 1e9:.0f} GFLOP/s)",
+        table_c,
+    ]) + "\n"
+
+
+# ---- main -----------------------------------------------------------------------
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="smollm2-135m",
+                        help="built-in model name or checkpoint folder")
+    parser.add_argument("--random-model", choices=sorted(RANDOM_MODELS),
+                        help="time a randomly initialised checkpoint of this shape instead")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                        help="default: float32 on CPU, bfloat16 on GPU")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    parser.add_argument("--requests", type=int, help="workload (b) size (default 256)")
+    parser.add_argument("--batches", help="table (a) batch sizes (default 4,8,16,32)")
+    parser.add_argument("--threads", type=int,
+                        help="CPU threads for torch (default: torch's, one per core)")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes for a smoke run")
+    parser.add_argument("--out", type=Path, help="also write the tables to this markdown file")
+    return parser.parse_args()
+
+
+def choose_sizes(args: argparse.Namespace) -> Sizes:
+    sizes = QUICK if args.quick else FULL
+    batches = (tuple(int(b) for b in args.batches.split(",")) if args.batches
+               else sizes.batches)
+    return replace(sizes, batches=batches, requests=args.requests or sizes.requests)
+
+
+def run(args: argparse.Namespace, model: str, dtype: torch.dtype,
+        device: torch.device) -> str:
+    sizes = choose_sizes(args)
+    log(f"loading {model} ({dtype}, {device})")
+    llm = LLM(model, dtype=str(dtype).removeprefix("torch."), device=str(device),
+              max_num_seqs=256, max_num_batched_tokens=MAX_NUM_BATCHED_TOKENS,
+              enable_prefix_caching=True, gpu_memory_utilization=GPU_MEMORY_UTILIZATION)
+    hf = load_hf(Path(llm.model_path), dtype, device)
+    config = hf.config
+    rng = random.Random(SEED)
+    warm_up(llm, hf, sizes, config.vocab_size, rng)
+    latency = measure_latency(llm, hf, sizes, config.vocab_size, rng, device)
+    work = measure_workload(llm, hf, sizes, config.vocab_size, rng, device)
+    matmul = matmul_flops(256, config.hidden_size, 4 * config.hidden_size, dtype, device)
+    header = {
+        "machine": machine_name(device),
+        "torch": torch.__version__,
+        "dtype": str(dtype).removeprefix("torch."),
+        "model": f"random {args.random_model} checkpoint" if args.random_model else model,
+        "parameters": f"{sum(p.numel() for p in hf.parameters()) / 1e6:.0f} M",
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "command": "python " + " ".join(sys.argv),
+    }
+    return render(header, sizes, latency, work, workload_flops(config, work.requests), matmul)
+
+
+def main() -> None:
+    args = parse_args()
+    device = resolve_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    with tempfile.TemporaryDirectory(prefix="pagedq-random-") as tmp:
+        model = args.model
+        if args.random_model:
+            log(f"building a random {args.random_model} checkpoint in {tmp}")
+            model = str(build_random_checkpoint(args.random_model, Path(tmp), dtype, device))
+        report = run(args, model, dtype, device)
+    print(report)
+    if args.out:
+        args.out.write_text(report)
+
+
+if __name__ == "__main__":
+    main()
