@@ -44,8 +44,12 @@ class LLMEngine:
         kv_heads, head_dim = hc.num_key_value_heads, model.head_dim
         block_bytes = CacheEngine.block_bytes(hc.num_hidden_layers, kv_heads, head_dim,
                                               config.block_size, dtype)
-        num_device_blocks = config.num_device_blocks or self._size_device_pool(block_bytes)
-        self._check_pool(num_device_blocks)
+        num_device_blocks = config.num_device_blocks
+        if num_device_blocks is None:
+            # A pool sized from memory must hold one whole sequence; a forced size is
+            # the caller's choice, and requests that outgrow it are aborted one by one.
+            num_device_blocks = self._size_device_pool(block_bytes)
+            self._check_pool(num_device_blocks)
         num_cpu_blocks = int(config.swap_space_gib * 2**30 // block_bytes)
         self.cache = CacheEngine(hc.num_hidden_layers, kv_heads, head_dim, config.block_size,
                                  num_device_blocks, num_cpu_blocks, dtype, device, backend)
