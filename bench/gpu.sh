@@ -26,7 +26,7 @@ step() {  # step NAME SECONDS CMD...: run with a time limit, keep the log, go on
 
 if [ $dry = 0 ]; then
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-    step parity 90 "$py" bench/gpu_parity.py
+    step parity 80 "$py" bench/gpu_parity.py
 fi
 for shape in smollm2 llama-1b; do
     step "throughput-$shape" 110 "$py" bench/throughput.py --random-model "$shape" \

@@ -76,10 +76,12 @@ def main() -> int:
                              ("torch eager", dict(attention_backend="torch"))]:
             llm = LLM(str(path), dtype="float32", device="cuda", max_num_seqs=16,
                       gpu_memory_utilization=0.3, swap_space_gib=0.5, **kwargs)
+            graphs = llm.engine.runner.graphs is not None
             outs = llm.generate(prompts, params, use_tqdm=False)
             verdicts = [compare(o, w, args.tie) for o, w in zip(outs, want, strict=True)]
             failed |= any(v.startswith("DIFF") for v in verdicts)
-            print(f"{name:14s} {sum(v == 'exact' for v in verdicts)}/{len(verdicts)} exact; "
+            exact = sum(v == "exact" for v in verdicts)
+            print(f"{name:14s} graphs={graphs} {exact}/{len(verdicts)} exact; "
                   f"{' '.join(verdicts)}")
             del llm, outs
             gc.collect()

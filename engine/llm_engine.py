@@ -55,8 +55,12 @@ class LLMEngine:
                                  num_device_blocks, num_cpu_blocks, dtype, device, backend)
         model.bind_kv_cache(self.cache.device_cache)
         if device.type == "cuda" and backend == "triton" and not config.enforce_eager:
-            self.runner.capture_graphs(config.max_num_seqs, self.max_model_len,
-                                       hc.hidden_size, dtype)
+            try:
+                self.runner.capture_graphs(config.max_num_seqs, self.max_model_len,
+                                           hc.hidden_size, dtype)
+            except RuntimeError as exc:  # graphs are an optimisation: serve eagerly instead
+                logger.warning("CUDA graph capture failed, running eager: %s", exc)
+                self.runner.graphs = None
         self.block_manager = BlockManager(config.block_size, num_device_blocks, num_cpu_blocks,
                                           config.enable_prefix_caching, config.share_blocks)
         self.scheduler = Scheduler(config, self.block_manager)
