@@ -27,6 +27,7 @@ import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import time  # noqa: E402
 import uuid  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
 
 import psycopg  # noqa: E402
 from sqlalchemy import make_url  # noqa: E402
@@ -45,12 +46,25 @@ def prompts(n: int) -> list[str]:
             + " and why it matters" * (i % 4) for i in range(n)]
 
 
+@dataclass(slots=True)
+class Result:
+    wall_s: float
+    latencies: list[float]
+    steps: int
+    peak_running: int
+
+
+def engine_stats(client: Client, hostname: str) -> dict:
+    replies = client.app.control.inspect(destination=[hostname], timeout=10).stats()
+    return replies[hostname]["engine"]
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def in_process(engine_kwargs: dict, texts: list[str], max_tokens: int) -> tuple[float, list[float]]:
+def in_process(engine_kwargs: dict, texts: list[str], max_tokens: int) -> Result:
     from engine import EngineConfig, LLMEngine, SamplingParams
 
     engine = LLMEngine(EngineConfig(**engine_kwargs))
@@ -58,16 +72,18 @@ def in_process(engine_kwargs: dict, texts: list[str], max_tokens: int) -> tuple[
     engine.add_request("warmup", texts[0], params)
     while engine.has_unfinished_requests():
         engine.step()
+    steps = engine.stats().num_steps
     start = time.time()
     for i, text in enumerate(texts):
         engine.add_request(f"r{i}", text, params)
     latencies = []
     while engine.has_unfinished_requests():
         latencies += [out.metrics.finished_time - start for out in engine.step() if out.finished]
-    return time.time() - start, latencies
+    stats = engine.stats()
+    return Result(time.time() - start, latencies, stats.num_steps - steps, stats.peak_num_running)
 
 
-def queued(fields: dict, texts: list[str], max_tokens: int) -> tuple[float, list[float]]:
+def queued(fields: dict, texts: list[str], max_tokens: int) -> Result:
     settings = load_settings(**fields)
     run_alembic(settings.database_url)
     hostname = f"bench-{uuid.uuid4().hex[:6]}@local"
@@ -83,6 +99,7 @@ def queued(fields: dict, texts: list[str], max_tokens: int) -> tuple[float, list
                 raise RuntimeError("the worker exited during start-up")
         warmup = client.submit(texts[0], {"max_tokens": max_tokens, "ignore_eos": True})
         client.wait(warmup, timeout=600)
+        steps = engine_stats(client, hostname)["steps"]
         params = {"temperature": 0, "max_tokens": max_tokens, "ignore_eos": True}
         start = time.time()
         ids = client.submit_many([{"prompt": text, "params": params, "queue": "bulk"}
@@ -93,12 +110,14 @@ def queued(fields: dict, texts: list[str], max_tokens: int) -> tuple[float, list
             records += done
             pending -= {r.id for r in done}
             if pending:
-                time.sleep(0.05)
+                time.sleep(0.25)
         failed = [r for r in records if r.status is not JobStatus.SUCCEEDED]
         if failed:
             raise RuntimeError(f"{len(failed)} jobs failed, e.g. {failed[0].error}")
         wall = max(r.finished_at.timestamp() for r in records) - start
-        return wall, [r.metrics.e2e_s for r in records]
+        stats = engine_stats(client, hostname)
+        return Result(wall, [r.metrics.e2e_s for r in records], stats["steps"] - steps,
+                      stats["peak_running"])
     finally:
         worker.terminate()
         worker.wait(120)
@@ -130,8 +149,8 @@ def main() -> None:
               "interactive_queue": f"bench-{database}.interactive",
               "bulk_queue": f"bench-{database}.bulk"}
     try:
-        local_wall, local_lat = in_process(engine_kwargs, texts, args.max_tokens)
-        queue_wall, queue_lat = queued(fields, texts, args.max_tokens)
+        local = in_process(engine_kwargs, texts, args.max_tokens)
+        remote = queued(fields, texts, args.max_tokens)
     finally:
         admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
         admin.close()
@@ -139,13 +158,13 @@ def main() -> None:
     print(f"{args.jobs} jobs x {args.max_tokens} tokens, model {args.model}, "
           f"max_num_seqs {args.max_num_seqs}, {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} CPUs")
-    print("| path | jobs/s | wall s | p50 e2e s | p99 e2e s |")
-    print("|---|---:|---:|---:|---:|")
-    for name, wall, lat in (("in-process engine", local_wall, local_lat),
-                            ("Redis + worker + PostgreSQL", queue_wall, queue_lat)):
-        print(f"| {name} | {args.jobs / wall:.1f} | {wall:.2f} | "
-              f"{statistics.median(lat):.2f} | {percentile(lat, 0.99):.2f} |")
-    print(f"queued / in-process throughput: {local_wall / queue_wall:.2f} (target >= 0.9)")
+    print("| path | jobs/s | wall s | p50 e2e s | p99 e2e s | engine steps | peak running |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for name, r in (("in-process engine", local), ("Redis + worker + PostgreSQL", remote)):
+        print(f"| {name} | {args.jobs / r.wall_s:.1f} | {r.wall_s:.2f} | "
+              f"{statistics.median(r.latencies):.2f} | {percentile(r.latencies, 0.99):.2f} | "
+              f"{r.steps} | {r.peak_running} |")
+    print(f"queued / in-process throughput: {local.wall_s / remote.wall_s:.2f} (target >= 0.9)")
 
 
 if __name__ == "__main__":

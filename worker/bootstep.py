@@ -34,7 +34,7 @@ class EngineStep(bootsteps.StartStopStep):
     def start(self, parent: Any) -> None:
         app: PagedqCelery = parent.app
         settings = app.settings
-        store = JobStore.from_url(settings.database_url, pool_size=min(settings.concurrency, 16))
+        store = JobStore.from_url(settings.database_url, pool_size=min(settings.concurrency, 24))
         check_current(store.engine)
 
         def build() -> Any:

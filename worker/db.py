@@ -6,6 +6,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session, sessionmaker
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
@@ -17,8 +18,11 @@ def make_engine(url: str, pool_size: int = 8) -> Engine:
         _tune_sqlite(engine)
         return engine
     # pre_ping drops connections that died while the database was away, so a
-    # job retried after an outage does not fail on a stale socket.
-    return create_engine(url, pool_pre_ping=True, pool_size=pool_size, max_overflow=pool_size * 2)
+    # job retried after an outage does not fail on a stale socket. Little
+    # overflow: hundreds of job threads share the pool, and opening a new
+    # PostgreSQL connection (a server process) costs more than waiting a moment.
+    return create_engine(url, pool_pre_ping=True, pool_size=pool_size, max_overflow=4,
+                         pool_timeout=120)
 
 
 def _tune_sqlite(engine: Engine) -> None:
@@ -46,7 +50,8 @@ def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
 
 
 def is_transient(exc: BaseException) -> bool:
-    """True for errors that a later retry can outlive: lost or refused connections, locks."""
-    if isinstance(exc, OperationalError | InterfaceError):
+    """True for errors that a later retry can outlive: lost or refused connections,
+    locks, a pool with no connection free."""
+    if isinstance(exc, OperationalError | InterfaceError | PoolTimeout):
         return True
     return isinstance(exc, DBAPIError) and exc.connection_invalidated

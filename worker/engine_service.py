@@ -30,6 +30,11 @@ CANCEL_REASON = "cancelled"
 EARLY_CANCEL_TTL_S = 600.0
 IDLE_WAKEUP_S = 1.0  # refreshes the live stats while there is nothing to step
 RATE_WINDOW_S = 10.0
+# An idle engine waits for more of a burst while jobs keep arriving within
+# GATHER_GAP_S of each other, GATHER_MAX_S at most: a lone interactive job
+# starts GATHER_GAP_S later, a burst of hundreds in one prefill.
+GATHER_GAP_S = 0.01
+GATHER_MAX_S = 0.25
 
 
 class EngineFailure(RuntimeError):
@@ -150,7 +155,10 @@ class EngineService:
             self._ready.set()
         try:
             while not (self._stopping and not self._live):
-                self._drain(block=not self._engine.has_unfinished_requests())
+                idle = not self._engine.has_unfinished_requests()
+                self._drain(block=idle)
+                if idle and self._engine.has_unfinished_requests():
+                    self._gather()
                 if self._engine.has_unfinished_requests():
                     self._step()
         except BaseException as exc:
@@ -167,14 +175,28 @@ class EngineService:
                 self._refresh_stats()
             return
         while True:
-            if command is None:
-                self._stopping = True
-            else:
-                self._apply(command)
+            self._handle(command)
             try:
                 command = self._commands.get_nowait()
             except queue.Empty:
                 return
+
+    def _gather(self) -> None:
+        """Jobs reach the loop one by one, as their Celery tasks start; when a burst
+        wakes an idle engine, let it arrive before the first step, so that it is
+        prefilled in one batch rather than trickling in over many steps."""
+        until = time.monotonic() + GATHER_MAX_S
+        while time.monotonic() < until:
+            try:
+                self._handle(self._commands.get(timeout=GATHER_GAP_S))
+            except queue.Empty:
+                return
+
+    def _handle(self, command: _Add | _Cancel | None) -> None:
+        if command is None:
+            self._stopping = True
+        else:
+            self._apply(command)
 
     def _apply(self, command: _Add | _Cancel) -> None:
         assert self._engine is not None

@@ -72,6 +72,8 @@ class JobRequest(BaseModel):
             raise ValueError("the prompt is empty")
         if isinstance(prompt, list) and min(prompt) < 0:
             raise ValueError("token ids must not be negative")
+        if isinstance(prompt, str) and "\x00" in prompt:
+            raise ValueError("NUL characters cannot be stored; pass token ids instead")
         return prompt
 
     @model_validator(mode="after")

@@ -174,8 +174,9 @@ class JobStore:
             if won != 1:
                 return False
             session.add_all(
-                Output(job_id=job_id, index=o.index, text=o.text, token_ids=o.token_ids,
-                       finish_reason=o.finish_reason, stop_reason=o.stop_reason,
+                Output(job_id=job_id, index=o.index, text=_storable(o.text),
+                       token_ids=o.token_ids, finish_reason=o.finish_reason,
+                       stop_reason=None if o.stop_reason is None else _storable(o.stop_reason),
                        cumulative_logprob=o.cumulative_logprob)
                 for o in outputs
             )
@@ -191,6 +192,12 @@ class JobStore:
                     swapped_in_blocks=metrics.swapped_in_blocks,
                 ))
         return True
+
+
+def _storable(text: str) -> str:
+    # PostgreSQL text cannot hold NUL, which a model can generate; the exact
+    # output stays in token_ids.
+    return text.replace("\x00", "\ufffd")
 
 
 def _new_row(request: JobRequest, now: datetime) -> dict[str, Any]:

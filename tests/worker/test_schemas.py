@@ -9,6 +9,7 @@ from worker.schemas import GenerationParams, InvalidJob, QueueKind, parse_job
     ({"prompt": ""}, "prompt"),
     ({"prompt": []}, "prompt"),
     ({"prompt": [1, -2]}, "prompt"),
+    ({"prompt": "nul\x00byte"}, "prompt"),
     ({"prompt": "x", "params": {"temperature": -1}}, "params.temperature"),
     ({"prompt": "x", "params": {"top_p": 0}}, "params.top_p"),
     ({"prompt": "x", "params": {"max_tokens": 0}}, "params.max_tokens"),

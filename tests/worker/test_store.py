@@ -97,3 +97,12 @@ def test_token_prompt_and_params_round_trip(store):
     assert spec.prompt == [3, 1, 4]
     assert spec.params["temperature"] == 0 and spec.params["stop"] == ["."]
     assert spec.created_at.tzinfo is not None
+
+
+def test_generated_nul_characters_are_stored(store):
+    job_id = store.create([job()])[0].job_id
+    attempt = store.claim(job_id, "w", 3).spec.attempt
+    assert store.finish(job_id, attempt, JobStatus.SUCCEEDED,
+                        outputs=[Completion(0, "a\x00b", [7, 0, 8], "stop", "\x00")])
+    output = store.get(job_id).outputs[0]
+    assert output.text == "a\ufffdb" and output.token_ids == [7, 0, 8]
