@@ -1,6 +1,7 @@
 """Helpers shared by the benchmark scripts: the machine's name, timing, markdown
 tables and randomly initialised checkpoints of known shapes."""
 
+import os
 import platform
 import time
 from collections.abc import Callable, Sequence
@@ -36,7 +37,7 @@ def resolve_device(device: str) -> torch.device:
 
 
 def machine_name(device: torch.device) -> str:
-    """The GPU's name, or the CPU model and core count from /proc/cpuinfo."""
+    """The GPU's name, or the CPU model (from /proc/cpuinfo) and its core count."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     model = platform.processor() or "unknown CPU"
@@ -46,7 +47,7 @@ def machine_name(device: torch.device) -> str:
             if line.startswith("model name"):
                 model = line.split(":", 1)[1].strip()
                 break
-    return f"{model}, {torch.get_num_threads()} threads"
+    return f"{model} ({os.cpu_count()} cores)"
 
 
 def synchronize(device: torch.device) -> None:

@@ -293,7 +293,7 @@ def run(args: argparse.Namespace, model: str, dtype: torch.dtype,
     matmul = matmul_flops(256, config.hidden_size, 4 * config.hidden_size, dtype, device)
     header = {
         "machine": machine_name(device),
-        "torch": torch.__version__,
+        "torch": f"{torch.__version__}, {torch.get_num_threads()} CPU threads",
         "dtype": str(dtype).removeprefix("torch."),
         "model": f"random {args.random_model} checkpoint" if args.random_model else model,
         "parameters": f"{sum(p.numel() for p in hf.parameters()) / 1e6:.0f} M",
