@@ -40,9 +40,11 @@ from worker.settings import load_settings  # noqa: E402
 REPO = _HERE.parent
 
 
-def prompts(n: int) -> list[str]:
+def prompts(n: int, round_: int) -> list[str]:
+    # Each round asks new questions, so the prefix cache of an earlier round
+    # cannot help either path.
     topics = ["rivers", "bridges", "printing", "bees", "glass", "tides", "maps", "salt"]
-    return [f"Question {i}: write one line about {topics[i % len(topics)]}"
+    return [f"Round {round_}, question {i}: write one line about {topics[i % len(topics)]}"
             + " and why it matters" * (i % 4) for i in range(n)]
 
 
@@ -64,45 +66,54 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def in_process(engine_kwargs: dict, texts: list[str], max_tokens: int) -> Result:
-    from engine import EngineConfig, LLMEngine, SamplingParams
+class InProcess:
+    """The baseline: one LLMEngine in this process, every request added at once."""
 
-    engine = LLMEngine(EngineConfig(**engine_kwargs))
-    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
-    engine.add_request("warmup", texts[0], params)
-    while engine.has_unfinished_requests():
-        engine.step()
-    steps = engine.stats().num_steps
-    start = time.time()
-    for i, text in enumerate(texts):
-        engine.add_request(f"r{i}", text, params)
-    latencies = []
-    while engine.has_unfinished_requests():
-        latencies += [out.metrics.finished_time - start for out in engine.step() if out.finished]
-    stats = engine.stats()
-    return Result(time.time() - start, latencies, stats.num_steps - steps, stats.peak_num_running)
+    def __init__(self, engine_kwargs: dict, max_tokens: int) -> None:
+        from engine import EngineConfig, LLMEngine, SamplingParams
 
+        self.engine = LLMEngine(EngineConfig(**engine_kwargs))
+        self.params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
 
-def queued(fields: dict, texts: list[str], max_tokens: int) -> Result:
-    settings = load_settings(**fields)
-    run_alembic(settings.database_url)
-    hostname = f"bench-{uuid.uuid4().hex[:6]}@local"
-    env = {**os.environ, **{f"PAGEDQ_{k.upper()}": str(v) for k, v in fields.items()
-                            if v is not None}}
-    worker = subprocess.Popen([sys.executable, "-m", "worker.cli", "worker",
-                               f"--hostname={hostname}", "--loglevel=warning"],
-                              cwd=REPO, env=env, stdout=subprocess.DEVNULL)
-    client = Client(settings)
-    try:
-        while not client.app.control.ping(destination=[hostname], timeout=0.5):
-            if worker.poll() is not None:
-                raise RuntimeError("the worker exited during start-up")
-        warmup = client.submit(texts[0], {"max_tokens": max_tokens, "ignore_eos": True})
-        client.wait(warmup, timeout=600)
-        steps = engine_stats(client, hostname)["steps"]
-        params = {"temperature": 0, "max_tokens": max_tokens, "ignore_eos": True}
+    def run(self, texts: list[str]) -> Result:
+        engine = self.engine
+        steps = engine.stats().num_steps
         start = time.time()
-        ids = client.submit_many([{"prompt": text, "params": params, "queue": "bulk"}
+        for i, text in enumerate(texts):
+            engine.add_request(f"{start}-{i}", text, self.params)
+        latencies = []
+        while engine.has_unfinished_requests():
+            latencies += [out.metrics.finished_time - start for out in engine.step()
+                          if out.finished]
+        stats = engine.stats()
+        return Result(time.time() - start, latencies, stats.num_steps - steps,
+                      stats.peak_num_running)
+
+
+class Queued:
+    """A `pagedq worker` subprocess fed through Redis, results read back from SQL."""
+
+    def __init__(self, fields: dict, max_tokens: int) -> None:
+        settings = load_settings(**fields)
+        run_alembic(settings.database_url)
+        self.hostname = f"bench-{uuid.uuid4().hex[:6]}@local"
+        env = {**os.environ, **{f"PAGEDQ_{k.upper()}": str(v) for k, v in fields.items()
+                                if v is not None}}
+        self.worker = subprocess.Popen(
+            [sys.executable, "-m", "worker.cli", "worker", f"--hostname={self.hostname}",
+             "--loglevel=warning"], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL)
+        self.client = Client(settings)
+        self.params = {"temperature": 0, "max_tokens": max_tokens, "ignore_eos": True}
+        while not self.client.app.control.ping(destination=[self.hostname], timeout=0.5):
+            if self.worker.poll() is not None:
+                raise RuntimeError("the worker exited during start-up")
+
+    def run(self, texts: list[str]) -> Result:
+        client = self.client
+        steps = engine_stats(client, self.hostname)["steps"]
+        start = time.time()
+        ids = client.submit_many([{"prompt": text, "params": self.params, "queue": "bulk"}
                                   for text in texts])
         pending, records = set(ids), []
         while pending:
@@ -115,13 +126,14 @@ def queued(fields: dict, texts: list[str], max_tokens: int) -> Result:
         if failed:
             raise RuntimeError(f"{len(failed)} jobs failed, e.g. {failed[0].error}")
         wall = max(r.finished_at.timestamp() for r in records) - start
-        stats = engine_stats(client, hostname)
+        stats = engine_stats(client, self.hostname)
         return Result(wall, [r.metrics.e2e_s for r in records], stats["steps"] - steps,
                       stats["peak_running"])
-    finally:
-        worker.terminate()
-        worker.wait(120)
-        client.close()
+
+    def close(self) -> None:
+        self.worker.terminate()
+        self.worker.wait(120)
+        self.client.close()
 
 
 def main() -> None:
@@ -130,13 +142,14 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="alternate the two paths this often; the best round of each counts")
     parser.add_argument("--broker-url", default="redis://127.0.0.1:6379/14")
     parser.add_argument("--postgres-url", default=os.environ.get(
         "PAGEDQ_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"),
         help="server where a scratch database is created and dropped")
     args = parser.parse_args()
 
-    texts = prompts(args.jobs)
     engine_kwargs = {"model": args.model, "max_num_seqs": args.max_num_seqs}
     admin_url = make_url(args.postgres_url)
     database = f"pagedq_bench_{uuid.uuid4().hex[:8]}"
@@ -148,16 +161,29 @@ def main() -> None:
               .render_as_string(hide_password=False),
               "interactive_queue": f"bench-{database}.interactive",
               "bulk_queue": f"bench-{database}.bulk"}
+    local, remote = [], []
     try:
-        local = in_process(engine_kwargs, texts, args.max_tokens)
-        remote = queued(fields, texts, args.max_tokens)
+        baseline = InProcess(engine_kwargs, args.max_tokens)
+        queue = Queued(fields, args.max_tokens)
+        try:
+            # A warm-up round, then alternate, so that load from elsewhere on the
+            # machine hits both paths alike.
+            baseline.run(prompts(8, -1))
+            queue.run(prompts(8, -1))
+            for round_ in range(args.rounds):
+                local.append(baseline.run(prompts(args.jobs, round_)))
+                remote.append(queue.run(prompts(args.jobs, round_)))
+        finally:
+            queue.close()
     finally:
         admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
         admin.close()
 
+    local = min(local, key=lambda r: r.wall_s)
+    remote = min(remote, key=lambda r: r.wall_s)
     print(f"{args.jobs} jobs x {args.max_tokens} tokens, model {args.model}, "
           f"max_num_seqs {args.max_num_seqs}, {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} CPUs")
+          f"{os.cpu_count()} CPUs, best of {args.rounds} alternating rounds")
     print("| path | jobs/s | wall s | p50 e2e s | p99 e2e s | engine steps | peak running |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for name, r in (("in-process engine", local), ("Redis + worker + PostgreSQL", remote)):

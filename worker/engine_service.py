@@ -14,8 +14,9 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -30,11 +31,11 @@ CANCEL_REASON = "cancelled"
 EARLY_CANCEL_TTL_S = 600.0
 IDLE_WAKEUP_S = 1.0  # refreshes the live stats while there is nothing to step
 RATE_WINDOW_S = 10.0
-# An idle engine waits for more of a burst while jobs keep arriving within
-# GATHER_GAP_S of each other, GATHER_MAX_S at most: a lone interactive job
-# starts GATHER_GAP_S later, a burst of hundreds in one prefill.
-GATHER_GAP_S = 0.01
-GATHER_MAX_S = 0.25
+# An idle engine that just got work waits for the rest of a burst: while job
+# threads are still claiming (see arriving()) or a request came in the last
+# GATHER_GAP_S, for GATHER_MAX_S at most. A lone job starts GATHER_GAP_S later.
+GATHER_GAP_S = 0.005
+GATHER_MAX_S = 0.5
 
 
 class EngineFailure(RuntimeError):
@@ -102,6 +103,8 @@ class EngineService:
         self._thread = threading.Thread(target=self._run, name="pagedq-engine", daemon=True)
         self._engine: LLMEngine | None = None
         self._rate = _Rate()
+        self._arriving = 0  # job threads between taking a job and submitting it
+        self._arriving_lock = threading.Lock()
         self._snapshot: dict[str, Any] = {}
         self.tokenizer: Any = None
 
@@ -133,6 +136,18 @@ class EngineService:
                 self._commands.put(_Add(f"{job_id}#{attempt}", job_id, prompt, params,
                                         priority, deadline, future))
         return future
+
+    @contextmanager
+    def arriving(self) -> Iterator[None]:
+        """Wrap the work between taking a job and submitting it, so that an idle
+        engine waits for a burst of jobs instead of starting on the first one."""
+        with self._arriving_lock:
+            self._arriving += 1
+        try:
+            yield
+        finally:
+            with self._arriving_lock:
+                self._arriving -= 1
 
     def cancel(self, job_id: str) -> None:
         self._commands.put(_Cancel(job_id))
@@ -190,7 +205,8 @@ class EngineService:
             try:
                 self._handle(self._commands.get(timeout=GATHER_GAP_S))
             except queue.Empty:
-                return
+                if not self._arriving:
+                    return
 
     def _handle(self, command: _Add | _Cancel | None) -> None:
         if command is None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -51,19 +52,30 @@ class JobRunner:
         self.settings = settings
 
     def run(self, job_id: str, worker: str) -> Outcome:
-        claim = self.store.claim(job_id, worker, self.settings.max_attempts)
-        if claim.spec is None:
-            log.info("job %s not run: %s", job_id, claim.outcome.value)
-            return Outcome(job_id, claim.outcome)
+        with self.service.arriving():
+            claim = self.store.claim(job_id, worker, self.settings.max_attempts)
+            if claim.spec is None:
+                log.info("job %s not run: %s", job_id, claim.outcome.value)
+                return Outcome(job_id, claim.outcome)
+            spec = claim.spec
+            try:
+                started = self._start(spec)
+            except Exception as exc:
+                return self._failed(spec, exc)
+        if isinstance(started, Outcome):
+            return started
         try:
-            return self._generate(claim.spec, worker)
+            return self._collect(spec, started, worker)
         except Exception as exc:
-            if is_retryable(exc):
-                raise
-            log.exception("job %s failed unexpectedly", job_id)
-            return self._finish(claim.spec, JobStatus.FAILED, error=f"internal error: {exc!r}")
+            return self._failed(spec, exc)
 
-    def _generate(self, spec: JobSpec, worker: str) -> Outcome:
+    def _failed(self, spec: JobSpec, exc: Exception) -> Outcome:
+        if is_retryable(exc):
+            raise exc
+        log.exception("job %s failed unexpectedly", spec.id)
+        return self._finish(spec, JobStatus.FAILED, error=f"internal error: {exc!r}")
+
+    def _start(self, spec: JobSpec) -> Future[Generation] | Outcome:
         from engine import SamplingParams
 
         try:
@@ -71,9 +83,11 @@ class JobRunner:
             prompt = self._render(spec)
         except ValueError as exc:
             return self._finish(spec, JobStatus.FAILED, error=f"invalid job: {exc}")
-        deadline_s = min(spec.deadline_s or math.inf, self.settings.job_deadline_s)
-        future = self.service.submit(spec.id, spec.attempt, prompt, params, spec.priority,
-                                     time.time() + deadline_s)
+        return self.service.submit(spec.id, spec.attempt, prompt, params, spec.priority,
+                                   time.time() + self._deadline_s(spec))
+
+    def _collect(self, spec: JobSpec, future: Future[Generation], worker: str) -> Outcome:
+        deadline_s = self._deadline_s(spec)
         try:
             generation = future.result(timeout=deadline_s + RESULT_GRACE_S)
         except JobCancelled:
@@ -82,6 +96,9 @@ class JobRunner:
             return self._finish(spec, JobStatus.FAILED, error=f"rejected by the engine: {exc}")
         status, error = _judge(generation, deadline_s)
         return self._finish(spec, status, error=error, output=generation.output, worker=worker)
+
+    def _deadline_s(self, spec: JobSpec) -> float:
+        return min(spec.deadline_s or math.inf, self.settings.job_deadline_s)
 
     def _render(self, spec: JobSpec) -> str | list[int]:
         if not spec.chat:
