@@ -147,16 +147,22 @@ class BlockManager:
     def can_swap_in(self, group: SequenceGroup, reserve: int = 0) -> bool:
         return len(self._distinct_blocks(group)) + reserve <= self.device.num_free
 
-    def swap_out(self, group: SequenceGroup) -> dict[int, int]:
-        return self._move(group, self.device, self.cpu, self.cpu.allocate)
+    def swap_out(self, group: SequenceGroup, moved: dict[int, int] | None = None
+                 ) -> dict[int, int]:
+        return self._move(group, self.device, self.cpu, self.cpu.allocate, moved)
 
-    def swap_in(self, group: SequenceGroup) -> dict[int, int]:
-        return self._move(group, self.cpu, self.device, self._allocate_device)
+    def swap_in(self, group: SequenceGroup, moved: dict[int, int] | None = None
+                ) -> dict[int, int]:
+        return self._move(group, self.cpu, self.device, self._allocate_device, moved)
 
     def _move(self, group: SequenceGroup, src: BlockPool, dst: BlockPool,
-              allocate: Callable[[], int]) -> dict[int, int]:
-        """Move every block of the group once, keeping shared blocks shared."""
-        mapping: dict[int, int] = {}
+              allocate: Callable[[], int], moved: dict[int, int] | None) -> dict[int, int]:
+        """Move every block of the group once, keeping shared blocks shared.
+
+        `moved` holds the blocks already moved this step; a block shared with an
+        earlier group is not copied again but shared on the other side too.
+        """
+        mapping: dict[int, int] = dict(moved or {})
         for seq in group.live_seqs():
             new_table = []
             for block in seq.block_table:
@@ -167,7 +173,7 @@ class BlockManager:
                 src.decref(block)
                 new_table.append(mapping[block])
             seq.block_table = new_table
-        return mapping
+        return {b: mapping[b] for b in mapping if not moved or b not in moved}
 
     # ---- prefix caching -----------------------------------------------------
 

@@ -276,7 +276,7 @@ class LLMEngine:
         rows: list[int] = []
         seqs: list[Sequence] = []
         params: list[SamplingParams] = []
-        beam_rows: dict[str, list[int]] = {}
+        beam_rows: dict[str, dict[int, int]] = {}  # request -> seq_id -> logits row
         now = time.time()
         for row, entry in enumerate(sampled):
             group, seq = entry.group, entry.seq
@@ -284,14 +284,16 @@ class LLMEngine:
             if group.metrics.first_token_time is None:
                 group.metrics.first_token_time = now
             if group.beam is not None:
-                beam_rows.setdefault(group.request_id, []).append(row)
+                beam_rows.setdefault(group.request_id, {})[seq.seq_id] = row
                 continue
             for s in self._fork_samples(group, seq):
                 rows.append(row)
                 seqs.append(s)
                 params.append(group.params)
-        for request_id, group_rows in beam_rows.items():
-            self._step_beams(touched[request_id], logits[group_rows])
+        for request_id, by_seq in beam_rows.items():
+            # Rows come in the runner's order; beams are stepped in the group's order.
+            group = touched[request_id]
+            self._step_beams(group, logits[[by_seq[s.seq_id] for s in group.seqs]])
         if seqs:
             results = self.sampler(logits[rows], seqs, params)
             for seq, p, res in zip(seqs, params, results, strict=True):

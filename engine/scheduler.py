@@ -140,7 +140,9 @@ class Scheduler:
 
     def _never_fits(self, group: SequenceGroup, out: SchedulerOutput) -> None:
         """Alone in the pool and still too big: it can never run, so it is aborted."""
-        need = sum(self.bm.blocks_for(s.num_tokens) for s in group.live_seqs())
+        for seq in group.live_seqs():
+            self.bm.free(seq)  # now, so the rest of this step can use the blocks
+        need = self._min_blocks(group)
         group.abort_reason = (
             f"request needs {need} KV blocks of {self.bm.block_size} tokens but the device "
             f"pool holds {self.bm.device.num_blocks}; raise num_device_blocks or shorten it"
@@ -163,7 +165,8 @@ class Scheduler:
         self.num_preemptions += 1
         group.metrics.num_preemptions += 1
         if self.config.preemption_mode == "swap" and self.bm.can_swap_out(group):
-            mapping = self.bm.swap_out(group)
+            # Blocks another victim already moved this step (a shared prefix) are reused.
+            mapping = self.bm.swap_out(group, out.blocks_to_swap_out)
             out.blocks_to_swap_out.update(mapping)
             self.num_swapped_out_blocks += len(mapping)
             group.metrics.num_swapped_out_blocks += len(mapping)
@@ -186,15 +189,16 @@ class Scheduler:
             if num_seqs + len(seqs) > self.config.max_num_seqs:
                 break
             plan = self._plan_tokens(group, budget)
-            # Room for the step's new blocks, plus one copy-on-write block per sequence.
-            reserve = sum(
-                max(self.bm.blocks_for(s.num_computed_tokens + n) - len(s.block_table), 0) + 1
-                for s, n in plan
-            )
+            reserve = self._swap_in_reserve(plan)
             if not plan or not self.bm.can_swap_in(group, reserve):
+                # Alone with the whole pool and still too big: waiting would hang everyone.
+                if self.bm.device.num_free == self.bm.device.num_blocks:
+                    self.swapped.popleft()
+                    self._never_fits(group, out)
+                    continue
                 break
             self.swapped.popleft()
-            mapping = self.bm.swap_in(group)
+            mapping = self.bm.swap_in(group, out.blocks_to_swap_in)
             out.blocks_to_swap_in.update(mapping)
             self.num_swapped_in_blocks += len(mapping)
             group.metrics.num_swapped_in_blocks += len(mapping)
@@ -205,13 +209,29 @@ class Scheduler:
             num_seqs += len(plan)
         return budget, num_seqs
 
+    def _swap_in_reserve(self, plan: list[tuple[Sequence, int]]) -> int:
+        """Blocks a resumed group needs beyond its own: new blocks for the step, and
+        k - 1 copies of a partly filled block that k of its sequences will write."""
+        bs = self.bm.block_size
+        new = sum(max(self.bm.blocks_for(s.num_computed_tokens + n) - len(s.block_table), 0)
+                  for s, n in plan)
+        written = [s.block_table[s.num_computed_tokens // bs] for s, _ in plan
+                   if s.num_computed_tokens % bs]
+        return new + len(written) - len(set(written))
+
+    def _min_blocks(self, group: SequenceGroup) -> int:
+        """The fewest blocks the group's sequences need: the prompt's full blocks once."""
+        seqs = group.live_seqs()
+        shared = group.seqs[0].prompt_len // self.bm.block_size if len(seqs) > 1 else 0
+        return shared + sum(self.bm.blocks_for(s.num_tokens) - shared for s in seqs)
+
     def _admit_waiting(self, out: SchedulerOutput, budget: int, num_seqs: int) -> None:
         while self.waiting and budget > 0:
             group = self.waiting[0]
             seqs = group.live_seqs()
             if num_seqs + len(seqs) > self.config.max_num_seqs:
                 break
-            if sum(self.bm.blocks_for(s.num_tokens) for s in seqs) > self.bm.device.num_blocks:
+            if self._min_blocks(group) > self.bm.device.num_blocks:
                 self.waiting.popleft()
                 self._never_fits(group, out)
                 continue
@@ -224,6 +244,10 @@ class Scheduler:
                 for seq in seqs:
                     self.bm.free(seq)
                     seq.num_computed_tokens = 0
+                if self.bm.device.num_free == self.bm.device.num_blocks:
+                    self.waiting.popleft()
+                    self._never_fits(group, out)
+                    continue
                 break
             self.waiting.popleft()
             for seq in seqs:
