@@ -35,5 +35,8 @@ done
 if [ $dry = 0 ] && [ "${KERNELS:-0}" = 1 ]; then
     step kernels 90 "$py" bench/kernels.py --out "$out/kernels.md"
 fi
+for md in "$out"/throughput-*.md; do
+    [ -f "$md" ] && "$py" bench/plot.py "$md" -o "${md%.md}.png"
+done
 echo "== tables"
 cat "$out"/*.md 2>/dev/null
