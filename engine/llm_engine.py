@@ -15,9 +15,15 @@ from engine.beam_search import BeamState
 from engine.block_manager import BlockManager
 from engine.cache_engine import CacheEngine
 from engine.config import CPU_KV_CACHE_GIB, EngineConfig
-from engine.model_loader import load_config, load_model, load_tokenizer, resolve_model_path
+from engine.model_loader import (
+    load_config,
+    load_model,
+    load_tokenizer,
+    resolve_max_model_len,
+    resolve_model_path,
+)
 from engine.model_runner import ModelRunner
-from engine.outputs import CompletionOutput, EngineStats, RequestOutput
+from engine.outputs import EngineStats, RequestOutput, completions
 from engine.sampler import Sampler
 from engine.sampling_params import BeamSearchParams, SamplingParams
 from engine.scheduler import ScheduledSeq, Scheduler
@@ -34,7 +40,7 @@ class LLMEngine:
         self.model_path = resolve_model_path(config.model)
         self.hf_config = load_config(self.model_path)
         self.tokenizer = load_tokenizer(self.model_path)
-        self.max_model_len = self._max_model_len()
+        self.max_model_len = resolve_max_model_len(self.hf_config, config.max_model_len)
         device, dtype = config.torch_device, config.torch_dtype
         backend = config.resolved_attention_backend
         model = load_model(self.model_path, self.hf_config, self.max_model_len, backend, dtype,
@@ -76,20 +82,6 @@ class LLMEngine:
                           "num_steps": 0}
 
     # ---- set-up -------------------------------------------------------------
-
-    def _max_model_len(self) -> int:
-        hc = self.hf_config
-        limit = getattr(hc, "max_position_embeddings", None) or 2048
-        # Attention here is always full: cap at a sliding window so results stay exact.
-        window = getattr(hc, "sliding_window", None)
-        if window and getattr(hc, "use_sliding_window", True):
-            limit = min(limit, window)
-        if self.config.max_model_len is not None:
-            if self.config.max_model_len > limit:
-                raise ValueError(f"max_model_len {self.config.max_model_len} exceeds the "
-                                 f"model's limit of {limit} positions")
-            return self.config.max_model_len
-        return limit
 
     def _size_device_pool(self, block_bytes: int) -> int:
         """CPU: a fixed budget. CUDA: what a maximal step leaves of gpu_memory_utilization."""
@@ -376,7 +368,7 @@ class LLMEngine:
 
     def _finish_or_report(self, group: SequenceGroup) -> RequestOutput:
         finished = group.is_finished
-        outputs = self._completions(group)
+        outputs = completions(group, self._decode)
         m = group.metrics
         m.num_generated_tokens = sum(len(o.token_ids) for o in outputs)
         if finished:
@@ -385,27 +377,6 @@ class LLMEngine:
             self.requests.pop(group.request_id, None)
         return RequestOutput(group.request_id, group.prompt, group.prompt_token_ids, outputs,
                              finished, m, group.abort_reason)
-
-    def _completions(self, group: SequenceGroup) -> list[CompletionOutput]:
-        if group.beam is not None and group.beam.done:
-            return [
-                CompletionOutput(i, self._decode(h.token_ids), h.token_ids, h.cumulative_logprob,
-                                 None, "stop" if h.stopped else "length", score=h.score)
-                for i, h in enumerate(group.beam.finished)
-            ]
-        want_logprobs = getattr(group.params, "logprobs", None) is not None
-        return [
-            CompletionOutput(
-                index=s.index,
-                text=s.text if s.detok or group.beam is None else self._decode(s.output_token_ids),
-                token_ids=s.output_token_ids,
-                cumulative_logprob=s.cumulative_logprob,
-                logprobs=s.logprobs if want_logprobs else None,
-                finish_reason=s.status.finish_reason,
-                stop_reason=s.stop_reason,
-            )
-            for s in sorted(group.seqs, key=lambda s: s.index)
-        ]
 
     def _decode(self, token_ids: list[int]) -> str:
         if self.tokenizer is None:

@@ -78,6 +78,18 @@ def load_config(path: Path) -> PretrainedConfig:
     return AutoConfig.from_pretrained(path)
 
 
+def resolve_max_model_len(hf_config: PretrainedConfig, requested: int | None) -> int:
+    limit = getattr(hf_config, "max_position_embeddings", None) or 2048
+    # Attention here is always full: cap at a sliding window so results stay exact.
+    window = getattr(hf_config, "sliding_window", None)
+    if window and getattr(hf_config, "use_sliding_window", True):
+        limit = min(limit, window)
+    if requested is not None and requested > limit:
+        raise ValueError(f"max_model_len {requested} exceeds the model's limit of "
+                         f"{limit} positions")
+    return requested or limit
+
+
 def load_tokenizer(path: Path) -> PreTrainedTokenizerBase | None:
     has_tokenizer = any(
         (path / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")
