@@ -129,6 +129,18 @@ class BlockManager:
         for block in child.block_table:
             self.device.incref(block)
 
+    def adopt_prefix(self, source: Sequence, seq: Sequence) -> None:
+        """Share with `seq` the computed full blocks of `source` that hold its own first
+        tokens (always leaving `seq` a token to compute, so its step yields logits)."""
+        limit = min(source.num_computed_tokens, seq.num_tokens - 1)
+        common = 0
+        while common < limit and source.token_ids[common] == seq.token_ids[common]:
+            common += 1
+        seq.block_table = source.block_table[:common // self.block_size]
+        for block in seq.block_table:
+            self.device.incref(block)
+        seq.num_computed_tokens = len(seq.block_table) * self.block_size
+
     def _allocate_device(self) -> int:
         block = self.device.allocate()
         cached = self._cached.pop(block, None)

@@ -106,6 +106,10 @@ class Scheduler:
 
     def _plan_tokens(self, group: SequenceGroup, budget: int) -> list[tuple[Sequence, int]]:
         seqs = group.live_seqs()
+        if len(seqs) > 1 and any(not s.block_table for s in seqs):
+            seqs = self._recompute_shared(seqs)
+            if len(seqs) == 1:
+                return [(seqs[0], min(seqs[0].num_uncomputed_tokens - 1, budget))]
         needs = [s.num_uncomputed_tokens for s in seqs]
         if sum(needs) <= budget:
             return list(zip(seqs, needs, strict=True))
@@ -120,6 +124,21 @@ class Scheduler:
                 plan.append((seq, take))
                 budget -= take
         return plan
+
+    def _recompute_shared(self, seqs: list[Sequence]) -> list[Sequence]:
+        """Re-prefill a recomputed sample or beam group sharing what its sequences share.
+
+        The first sequence is recomputed alone up to its last token; then each sibling
+        adopts the full blocks they have in common and computes only the rest. This keeps
+        the group within the blocks it held before preemption, cache hits or not.
+        """
+        leader = seqs[0]
+        if leader.num_uncomputed_tokens > 1:
+            return [leader]
+        for seq in seqs[1:]:
+            if not seq.block_table:
+                self.bm.adopt_prefix(leader, seq)
+        return seqs
 
     def _blocks_needed(self, plan: list[tuple[Sequence, int]]) -> int:
         return sum(self.bm.num_new_blocks(seq, n) for seq, n in plan)
@@ -164,17 +183,21 @@ class Scheduler:
         out.preempted.append(group)
         self.num_preemptions += 1
         group.metrics.num_preemptions += 1
-        if self.config.preemption_mode == "swap" and self.bm.can_swap_out(group):
+        # A group still re-prefilling its siblings (see _recompute_shared) is recomputed
+        # again: its swapped-out siblings could not adopt the leader's blocks.
+        seqs = group.live_seqs()
+        swap = self.config.preemption_mode == "swap" and all(s.block_table for s in seqs)
+        if swap and self.bm.can_swap_out(group):
             # Blocks another victim already moved this step (a shared prefix) are reused.
             mapping = self.bm.swap_out(group, out.blocks_to_swap_out)
             out.blocks_to_swap_out.update(mapping)
             self.num_swapped_out_blocks += len(mapping)
             group.metrics.num_swapped_out_blocks += len(mapping)
-            for seq in group.live_seqs():
+            for seq in seqs:
                 seq.status = SequenceStatus.SWAPPED
             self.swapped.append(group)
             return
-        for seq in group.live_seqs():
+        for seq in seqs:
             group.metrics.num_recomputed_tokens += seq.num_computed_tokens
             self.bm.free(seq)
             seq.num_computed_tokens = 0
@@ -235,10 +258,10 @@ class Scheduler:
                 self.waiting.popleft()
                 self._never_fits(group, out)
                 continue
-            for seq in seqs:
-                hit = self.bm.match_prefix(seq)
-                seq.num_computed_tokens = hit
-                group.metrics.num_cached_tokens = max(group.metrics.num_cached_tokens, hit)
+            # Siblings of a recomputed group share its first sequence's blocks later.
+            hit = self.bm.match_prefix(seqs[0])
+            seqs[0].num_computed_tokens = hit
+            group.metrics.num_cached_tokens = max(group.metrics.num_cached_tokens, hit)
             plan = self._plan_tokens(group, budget)
             if not plan or self._blocks_needed(plan) > self.bm.device.num_free:
                 for seq in seqs:

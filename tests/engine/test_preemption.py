@@ -281,18 +281,24 @@ def test_swapped_samples_resume_when_their_next_step_fits(model_dir):
     _assert_all_blocks_free(engine)
 
 
+@pytest.mark.parametrize("caching", [True, False], ids=["cached", "uncached"])
 @pytest.mark.parametrize("mode", ["swap", "recompute"])
-def test_preempted_samples_that_fit_shared_are_not_aborted(model_dir, mode):
+def test_preempted_samples_that_fit_shared_are_not_aborted(model_dir, mode, caching):
     """n = 4 samples share a 3-block prompt: 7 blocks in all, 16 unshared. Preempted
-    for an earlier request in a 9-block pool, they must finish, not abort."""
+    for an earlier request in a 9-block pool, they must finish, not abort, with the
+    tokens of a pool that never preempts. Without prefix caching nothing can rebuild
+    the sharing from cache hits: a recompute must re-prefill the prompt once."""
     rng = random.Random(6)
     requests = [Request("first", _prompt(rng, 40), _params("greedy", 20, 0)),
                 Request("samples", _prompt(rng, 50), _params("n4", 8, 1))]
-    engine = _engine(model_dir, device_blocks=9, swap_blocks=AMPLE_SWAP, mode=mode)
+    expected = _run(_engine(model_dir, LARGE_POOL, 0), requests)
+    engine = _engine(model_dir, device_blocks=9, swap_blocks=AMPLE_SWAP, mode=mode,
+                     enable_prefix_caching=caching)
     outs = _run(engine, requests, max_steps=200)
     assert outs["samples"].metrics.num_preemptions >= 1
     assert outs["samples"].abort_reason is None
-    assert {c.finish_reason for c in outs["samples"].outputs} == {"length"}
+    for request_id, out in outs.items():
+        assert _tokens(out) == _tokens(expected[request_id]), request_id
     _assert_all_blocks_free(engine)
 
 
