@@ -11,6 +11,7 @@ from safetensors import safe_open
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
 from engine.models.llama import RotaryEmbedding
+from engine.models.packed_linear import pack_linears
 from engine.models.registry import get_model_class
 
 logger = logging.getLogger(__name__)
@@ -109,6 +110,8 @@ def load_model(path: Path, config: PretrainedConfig, max_len: int, backend: str,
     # Built on the meta device, the cos/sin tables are empty: build them for real,
     # in float32 like Transformers.
     model.rotary = RotaryEmbedding(config, model.head_dim, max_len).to(device)
+    if device.type == "cpu":
+        pack_linears(model)
     return model
 
 

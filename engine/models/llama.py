@@ -51,18 +51,23 @@ class RotaryEmbedding(nn.Module):
                 inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, torch.device("cpu"))
             freqs = torch.arange(max_len, dtype=torch.float)[:, None] * inv_freq[None, :]
             emb = torch.cat((freqs, freqs), dim=-1)
+            # rotate_half(x) * sin == roll(x, half) * sin with the first half of sin
+            # negated: one roll instead of two slices, a negation and a concatenation.
+            sign = torch.ones(head_dim)
+            sign[: head_dim // 2] = -1.0
         self.register_buffer("cos", emb.cos() * scaling, persistent=False)
-        self.register_buffer("sin", emb.sin() * scaling, persistent=False)
+        self.register_buffer("sin", emb.sin() * scaling * sign, persistent=False)
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        cos = self.cos[positions].to(q.dtype).unsqueeze(1)
-        sin = self.sin[positions].to(q.dtype).unsqueeze(1)
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step's cos/sin rows, [num_tokens, 1, head_dim]; shared by every layer."""
+        return (self.cos[positions].to(dtype).unsqueeze(1),
+                self.sin[positions].to(dtype).unsqueeze(1))
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Transformers' `x * cos + rotate_half(x) * sin`, bit for bit."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
 
 
 class Attention(nn.Module):
@@ -82,15 +87,17 @@ class Attention(nn.Module):
         self.k_cache = torch.empty(0)
         self.v_cache = torch.empty(0)
 
-    def forward(self, positions, x, meta: AttentionMetadata, rotary: RotaryEmbedding):
+    def forward(self, x: torch.Tensor, meta: AttentionMetadata,
+                rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         qkv = self.qkv_proj(x)
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(-1, self.num_heads, self.head_dim)
-        k = k.view(-1, self.num_kv_heads, self.head_dim)
-        v = v.view(-1, self.num_kv_heads, self.head_dim)
-        q, k = rotary(positions, q, k)
+        # q and k heads side by side: one rotary pass rotates both.
+        qk = qkv[:, :self.q_size + self.kv_size].view(-1, self.num_heads + self.num_kv_heads,
+                                                     self.head_dim)
+        qk = apply_rotary(qk, *rope)
+        q, k = qk[:, :self.num_heads], qk[:, self.num_heads:]
+        v = qkv[:, self.q_size + self.kv_size:].view(-1, self.num_kv_heads, self.head_dim)
         store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping, self.backend)
-        o = self.attn(q, self.k_cache, self.v_cache, meta, self.scale)
+        o = self.attn(q, k, v, self.k_cache, self.v_cache, meta, self.scale)
         return self.o_proj(o.reshape(-1, self.q_size))
 
 
@@ -113,8 +120,9 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, positions, x, meta, rotary):
-        x = x + self.self_attn(positions, self.input_layernorm(x), meta, rotary)
+    def forward(self, x: torch.Tensor, meta: AttentionMetadata,
+                rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), meta, rope)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -147,8 +155,9 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
+        rope = self.rotary(positions, x.dtype)
         for layer in self.layers:
-            x = layer(positions, x, meta, self.rotary)
+            x = layer(x, meta, rope)
         return x
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
