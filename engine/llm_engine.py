@@ -287,7 +287,9 @@ class LLMEngine:
             group = touched[request_id]
             self._step_beams(group, logits[[by_seq[s.seq_id] for s in group.seqs]])
         if seqs:
-            results = self.sampler(logits[rows], seqs, params)
+            # Every row sampled once, in order (no forks, no beams): no copy needed.
+            picked = logits if rows == list(range(len(logits))) else logits[rows]
+            results = self.sampler(picked, seqs, params)
             for seq, p, res in zip(seqs, params, results, strict=True):
                 self._append_token(seq, p, res.token_id, res.logprob, res.top_logprobs)
 

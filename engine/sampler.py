@@ -27,7 +27,9 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence],
                  params: list[SamplingParams]) -> list[SampleResult]:
-        logits = logits.float().clone()
+        logits = logits.float()
+        if any(_edits_logits(seq, p) for seq, p in zip(seqs, params, strict=True)):
+            logits = logits.clone()  # the caller's logits stay as they were
         for row, (seq, p) in enumerate(zip(seqs, params, strict=True)):
             apply_penalties(logits[row], seq, p)
             self._apply_min_tokens(logits[row], seq, p)
@@ -56,6 +58,11 @@ class Sampler:
             banned = set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_token_ids)
             if banned:
                 row[list(banned)] = -float("inf")
+
+
+def _edits_logits(seq: Sequence, p: SamplingParams) -> bool:
+    return (p.repetition_penalty != 1.0 or bool(p.presence_penalty or p.frequency_penalty)
+            or seq.num_output_tokens < p.min_tokens or p.temperature not in (0.0, 1.0))
 
 
 def apply_penalties(row: torch.Tensor, seq: Sequence, p: SamplingParams) -> None:

@@ -1,0 +1,139 @@
+"""Attention over the paged KV cache in plain torch: the CPU backend.
+
+Decodes are batched: each gathers its context's K/V slots and the batch runs one
+SDPA call per group of similar context lengths (padding every sequence to the
+longest of a mixed batch would multiply the bytes gathered). Prefill chunks run
+one sequence at a time; a whole prompt attends to the K/V it has just computed.
+Every SDPA call is 4-D: on the CPU, 3-D inputs fall back to the unfused math
+kernel, several times slower than the flash kernel.
+"""
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from engine.attention import AttentionMetadata
+
+# A decode group's padded slots may exceed its sequences' own by this fraction.
+MAX_PADDING = 0.25
+# And a group gathers at most this many slots, so its K/V stay in the CPU's cache
+# between the gather and the attention that reads them.
+MAX_GROUP_SLOTS = 8192
+
+
+@dataclass(slots=True)
+class DecodeGroup:
+    """Decodes of similar context length, attended in one SDPA call."""
+
+    rows: torch.Tensor | None    # their rows among the decodes; None: all, in order
+    slots: torch.Tensor          # [n * ctx] int64; past a sequence's end: its last slot
+    mask: torch.Tensor | None    # [n, 1, 1, ctx] bool; None when all n hold ctx tokens
+    num_seqs: int
+
+
+def plan_decode_groups(meta: "AttentionMetadata", block_size: int) -> list[DecodeGroup]:
+    """Split the decodes, longest context first, into groups wasting little padding."""
+    lens = meta.seq_lens_cpu[:meta.num_decodes]
+    order = sorted(range(len(lens)), key=lambda i: -lens[i])
+    groups, start = [], 0
+    while start < len(order):
+        end, real = start + 1, lens[order[start]]
+        while end < len(order):
+            padded = lens[order[start]] * (end + 1 - start)
+            if padded > min((1 + MAX_PADDING) * (real + lens[order[end]]), MAX_GROUP_SLOTS):
+                break
+            real += lens[order[end]]
+            end += 1
+        groups.append(order[start:end])
+        start = end
+    if len(groups) == 1:
+        return [_decode_group(meta, None, block_size)]
+    return [_decode_group(meta, rows, block_size) for rows in groups]
+
+
+def _decode_group(meta: "AttentionMetadata", rows: list[int] | None,
+                  block_size: int) -> DecodeGroup:
+    d = meta.num_decodes
+    index = None if rows is None else torch.tensor(rows, device=meta.seq_lens.device)
+    lens_cpu = meta.seq_lens_cpu[:d] if rows is None else [meta.seq_lens_cpu[i] for i in rows]
+    tables = meta.block_tables[:d] if index is None else meta.block_tables[index]
+    seq_lens = meta.seq_lens[:d] if index is None else meta.seq_lens[index]
+    n, ctx = len(lens_cpu), max(lens_cpu)
+    positions = torch.arange(ctx, device=seq_lens.device).expand(n, ctx)
+    last = seq_lens[:, None].long() - 1
+    mask = None if min(lens_cpu) == ctx else (positions <= last)[:, None, None, :]
+    # Padding reads the sequence's own last slot rather than a never-written one,
+    # which may hold anything (NaN included, and 0 * NaN is NaN even when masked).
+    positions = torch.minimum(positions, last)
+    blocks = tables.long().gather(1, positions // block_size)
+    slots = (blocks * block_size + positions % block_size).flatten()
+    return DecodeGroup(index, slots, mask, n)
+
+
+class TorchAttention:
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 k_cache: torch.Tensor, v_cache: torch.Tensor, meta: "AttentionMetadata",
+                 scale: float) -> torch.Tensor:
+        d = meta.num_decodes
+        if d == len(meta.seq_lens_cpu):
+            return self._decode(q, k_cache, v_cache, meta, scale)
+        out = torch.empty_like(q)
+        if d:
+            out[:d] = self._decode(q[:d], k_cache, v_cache, meta, scale)
+        start = d
+        for i in range(d, len(meta.seq_lens_cpu)):
+            q_len, ctx = meta.query_lens_cpu[i], meta.seq_lens_cpu[i]
+            rows = slice(start, start + q_len)
+            if q_len == ctx:  # a whole prompt: its K/V are this step's own
+                out[rows] = _attend(q[rows], k[rows], v[rows], scale)
+            else:
+                table = meta.block_tables[i, :-(-ctx // k_cache.shape[1])].long()
+                out[rows] = _attend(q[rows], _gather(k_cache, table, ctx),
+                                    _gather(v_cache, table, ctx), scale)
+            start += q_len
+        return out
+
+    @staticmethod
+    def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                meta: "AttentionMetadata", scale: float) -> torch.Tensor:
+        if meta.decode_groups is None:  # once per step, for every layer
+            meta.decode_groups = plan_decode_groups(meta, k_cache.shape[1])
+        kvh, hd = k_cache.shape[2:]
+        k_slots, v_slots = k_cache.flatten(0, 1), v_cache.flatten(0, 1)
+        out = q if meta.decode_groups[0].rows is None else torch.empty_like(q)
+        for group in meta.decode_groups:
+            n = group.num_seqs
+            k = k_slots.index_select(0, group.slots).view(n, -1, kvh, hd).transpose(1, 2)
+            v = v_slots.index_select(0, group.slots).view(n, -1, kvh, hd).transpose(1, 2)
+            qg = q if group.rows is None else q.index_select(0, group.rows)
+            # One query token per sequence: the heads sharing a KV head become its rows.
+            o = F.scaled_dot_product_attention(qg.view(n, kvh, -1, hd), k, v,
+                                               attn_mask=group.mask, scale=scale)
+            if group.rows is None:
+                return o.reshape(q.shape)
+            out.index_copy_(0, group.rows, o.reshape(n, *q.shape[1:]))
+        return out
+
+
+def _gather(cache: torch.Tensor, block_table: torch.Tensor, ctx: int) -> torch.Tensor:
+    """A sequence's block ids -> its [ctx, num_kv_heads, head_dim] K or V."""
+    return cache.index_select(0, block_table).flatten(0, 1)[:ctx]
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """One sequence's new tokens [q_len, h, hd], which end its context k/v [ctx, kvh, hd]."""
+    q_len, ctx = q.shape[0], k.shape[0]
+    q4, k4, v4 = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))
+    if q_len == ctx:
+        out = F.scaled_dot_product_attention(q4, k4, v4, is_causal=True, scale=scale,
+                                             enable_gqa=True)
+    else:
+        # Token i sees keys 0..ctx-q_len+i.
+        rows = torch.arange(q_len, device=q.device)[:, None] + (ctx - q_len)
+        mask = torch.arange(ctx, device=q.device)[None, :] <= rows
+        out = F.scaled_dot_product_attention(q4, k4, v4, attn_mask=mask, scale=scale,
+                                             enable_gqa=True)
+    return out[0].transpose(0, 1)
