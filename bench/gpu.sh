@@ -29,7 +29,7 @@ if [ $dry = 0 ]; then
     step parity 80 "$py" bench/gpu_parity.py
 fi
 for shape in smollm2 llama-1b; do
-    step "throughput-$shape" 110 "$py" bench/throughput.py --random-model "$shape" \
+    step "throughput-$shape" 240 "$py" bench/throughput.py --random-model "$shape" --repeats 1 \
         --dtype bfloat16 "${quick[@]}" --out "$out/throughput-$shape.md"
 done
 if [ $dry = 0 ] && [ "${KERNELS:-0}" = 1 ]; then

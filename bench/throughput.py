@@ -165,15 +165,24 @@ def warm_up(llm: LLM, hf: torch.nn.Module, sizes: Sizes, vocab: int,
 
 
 def measure_latency(llm: LLM, hf: torch.nn.Module, sizes: Sizes, vocab: int,
-                    rng: random.Random, device: torch.device) -> list[LatencyRow]:
-    """(a): the same B prompts through both systems, B from the table's batch sizes."""
+                    rng: random.Random, device: torch.device, repeats: int) -> list[LatencyRow]:
+    """(a): the same B prompts through both systems, B from the table's batch sizes.
+
+    Each row is the median of `repeats` runs; the two systems alternate, and which
+    one goes first alternates too, so drift on a noisy machine hits both alike."""
     rows = []
     for b in sizes.batches:
         requests = [Request(random_prompt(rng, sizes.prompt_len, vocab), sizes.new_tokens)
                     for _ in range(b)]
-        _, engine_s = timed(lambda: run_engine(llm, requests), device)  # noqa: B023
-        _, hf_s = timed(lambda: run_hf(hf, requests, b), device)  # noqa: B023
-        log(f"(a) B={b}: pagedq {engine_s:.2f} s, transformers {hf_s:.2f} s")
+        systems = {"pagedq": lambda: run_engine(llm, requests),  # noqa: B023
+                   "transformers": lambda: run_hf(hf, requests, b)}  # noqa: B023
+        times: dict[str, list[float]] = {name: [] for name in systems}
+        for r in range(repeats):
+            for name in (list(systems) if r % 2 == 0 else list(systems)[::-1]):
+                times[name].append(timed(systems[name], device)[1])
+        engine_s, hf_s = (statistics.median(times[name]) for name in systems)
+        log(f"(a) B={b}: pagedq {engine_s:.2f} s, transformers {hf_s:.2f} s "
+            f"(medians of {repeats})")
         rows.append(LatencyRow(b, engine_s, hf_s))
     return rows
 
@@ -213,7 +222,7 @@ def workload_flops(config: PretrainedConfig, requests: list[Request]) -> float:
 
 
 def render(header: dict[str, str], sizes: Sizes, latency: list[LatencyRow],
-           work: WorkloadResult, flops: float, matmul: float) -> str:
+           work: WorkloadResult, flops: float, matmul: float, repeats: int) -> str:
     head = "\n".join(f"- {key}: {value}" for key, value in header.items())
     table_a = markdown_table(
         ["batch", "pagedq (s)", "transformers (s)", "transformers / pagedq"],
@@ -237,7 +246,8 @@ def render(header: dict[str, str], sizes: Sizes, latency: list[LatencyRow],
     return "\n\n".join([
         head,
         f"**(a) One batch of B prompts x {sizes.new_tokens} new tokens** "
-        f"({sizes.prompt_len}-token prompts, greedy, EOS ignored; wall time)",
+        f"({sizes.prompt_len}-token prompts, greedy, EOS ignored; wall time, median of "
+        f"{repeats} alternating runs)",
         table_a,
         f"**(b) {len(work.requests)}-request workload** (prompts "
         f"{min(prompt_lens)}-{max(prompt_lens)} tokens, mean {statistics.mean(prompt_lens):.0f}; "
@@ -267,6 +277,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batches", help="table (a) batch sizes (default 4,8,16,32)")
     parser.add_argument("--threads", type=int,
                         help="CPU threads for torch (default: torch's, one per core)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="runs per table row, the median reported (default 3)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes for a smoke run")
     parser.add_argument("--out", type=Path, help="also write the tables to this markdown file")
     return parser.parse_args()
@@ -290,7 +302,7 @@ def run(args: argparse.Namespace, model: str, dtype: torch.dtype,
     config = hf.config
     rng = random.Random(SEED)
     warm_up(llm, hf, sizes, config.vocab_size, rng)
-    latency = measure_latency(llm, hf, sizes, config.vocab_size, rng, device)
+    latency = measure_latency(llm, hf, sizes, config.vocab_size, rng, device, args.repeats)
     work = measure_workload(llm, hf, sizes, config.vocab_size, rng, device)
     matmul = matmul_flops(256, config.hidden_size, 4 * config.hidden_size, dtype, device)
     header = {
@@ -302,7 +314,8 @@ def run(args: argparse.Namespace, model: str, dtype: torch.dtype,
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "command": "python " + " ".join(sys.argv),
     }
-    return render(header, sizes, latency, work, workload_flops(config, work.requests), matmul)
+    return render(header, sizes, latency, work, workload_flops(config, work.requests), matmul,
+                  args.repeats)
 
 
 def main() -> None:
