@@ -1,4 +1,5 @@
-"""Worker bootstep: one engine per worker process, its state in `inspect stats`.
+"""Worker bootsteps: one engine per worker process, its state in `inspect stats`;
+the sweep that publishes again the jobs whose message Redis lost.
 
 The engine is built inside the worker process, after Celery has started
 (never before a fork: CUDA cannot be initialised again in a forked child),
@@ -20,6 +21,7 @@ from worker.engine_service import EngineService
 from worker.executor import RESULT_GRACE_S, JobRunner
 from worker.migrate import check_current
 from worker.store import JobStore
+from worker.sweeper import Sweeper
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +63,32 @@ class EngineStep(bootsteps.StartStopStep):
         return {"engine": self.runner.service.stats() if self.runner else {}}
 
 
+class SweepStep(bootsteps.StartStopStep):
+    """Every sweep_interval, publish again the jobs whose message may be lost.
+
+    Started after the engine step, which has checked the schema this reads."""
+
+    requires = {"celery.worker.components:Timer", EngineStep}
+
+    def __init__(self, parent: Any, **kwargs: Any) -> None:
+        super().__init__(parent, **kwargs)
+        self.sweeper: Sweeper | None = None
+        self._timer_entry: Any = None
+
+    def start(self, parent: Any) -> None:
+        app: PagedqCelery = parent.app
+        self.sweeper = Sweeper(JobStore.from_url(app.settings.database_url, pool_size=1), app)
+        self._timer_entry = parent.timer.call_repeatedly(app.settings.sweep_interval,
+                                                         self.sweeper.sweep_in_background)
+
+    def stop(self, parent: Any) -> None:
+        if self.sweeper is None:
+            return
+        self._timer_entry.cancel()
+        self.sweeper.close()
+        self.sweeper = None
+
+
 @control_command(name=CANCEL_COMMAND, args=[("job_id", str)], signature="<job_id>")
 def cancel_job(state: Any, job_id: str) -> dict[str, str]:
     """Abort a job's request in this worker's engine (a no-op if it holds none)."""
@@ -73,3 +101,4 @@ def cancel_job(state: Any, job_id: str) -> dict[str, str]:
 
 def install(app: PagedqCelery) -> None:
     app.steps["worker"].add(EngineStep)
+    app.steps["worker"].add(SweepStep)

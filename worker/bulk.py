@@ -67,7 +67,10 @@ class LocalBackend:
         self.threads = threads
 
     def submit(self, documents: list[Document]) -> list[str]:
-        return [s.job_id for s in self.runner.store.create([d.request for d in documents])]
+        # This process runs them itself: should a worker share the database,
+        # its sweep must not send them to the queue.
+        jobs = self.runner.store.create([d.request for d in documents], published=False)
+        return [s.job_id for s in jobs]
 
     def results(self, job_ids: list[str]) -> Iterator[JobRecord]:
         with ThreadPoolExecutor(self.threads, thread_name_prefix="pagedq-job") as pool:

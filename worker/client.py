@@ -2,18 +2,20 @@
 
 A job is written to SQL first (status queued, id = Celery task id) and
 published second; if publishing fails the row is removed again, so a job
-is either in both places or in neither. Nothing here imports the engine.
+is either in both places or in neither. Should Redis lose the message later,
+the workers' sweep publishes it again (worker/sweeper.py). Nothing here
+imports the engine.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from kombu.exceptions import OperationalError as BrokerError
 
-from worker.celery_app import CANCEL_COMMAND, TASK_NAME, create_app
+from worker.celery_app import CANCEL_COMMAND, TASK_NAME, PagedqCelery, create_app
 from worker.models import JobStatus
 from worker.records import JobRecord
 from worker.schemas import GenerationParams, InvalidJob, JobRequest, QueueKind, parse_job
@@ -25,7 +27,33 @@ POLL_MAX_S = 0.5
 
 
 class BrokerUnavailable(RuntimeError):
-    """The job could not be enqueued; nothing was stored either."""
+    """Jobs could not be enqueued; `unsent` names them. From Client.submit: none
+    of them was stored either."""
+
+    def __init__(self, message: str, unsent: list[str]) -> None:
+        super().__init__(message)
+        self.unsent = unsent
+
+
+def publish(app: PagedqCelery, jobs: Sequence[tuple[str, QueueKind]]) -> None:
+    """Send each job's message to its queue: the one way a job reaches the broker,
+    on submit and again when a worker's sweep finds its message lost.
+
+    Raises BrokerUnavailable naming the jobs whose message was not sent."""
+    if not jobs:
+        return
+    sent = 0
+    try:
+        with app.producer_or_acquire() as producer:
+            for job_id, kind in jobs:
+                app.send_task(TASK_NAME, args=[job_id], task_id=job_id,
+                              queue=app.queue_name(kind), producer=producer, retry=True)
+                sent += 1
+    except (BrokerError, OSError) as exc:
+        raise BrokerUnavailable(
+            f"could not enqueue {len(jobs) - sent} job(s) on {app.conf.broker_url}: {exc}",
+            [job_id for job_id, _ in jobs[sent:]],
+        ) from exc
 
 
 class Client:
@@ -78,25 +106,14 @@ class Client:
 
     def _submit(self, jobs: list[JobRequest]) -> list[str]:
         submissions = self.store.create(jobs)
-        fresh = [(s.job_id, job) for s, job in zip(submissions, jobs, strict=True) if s.created]
-        self._publish(fresh)
-        return [s.job_id for s in submissions]
-
-    def _publish(self, jobs: list[tuple[str, JobRequest]]) -> None:
-        published = 0
+        fresh = [(s.job_id, job.queue)
+                 for s, job in zip(submissions, jobs, strict=True) if s.created]
         try:
-            with self.app.producer_or_acquire() as producer:
-                for job_id, job in jobs:
-                    self.app.send_task(TASK_NAME, args=[job_id], task_id=job_id,
-                                       queue=self.app.queue_name(job.queue), producer=producer,
-                                       retry=True)
-                    published += 1
-        except (BrokerError, OSError) as exc:
-            self.store.discard_unpublished(job_id for job_id, _ in jobs[published:])
-            raise BrokerUnavailable(
-                f"could not enqueue {len(jobs) - published} job(s) on "
-                f"{self.app.conf.broker_url}: {exc}"
-            ) from exc
+            publish(self.app, fresh)
+        except BrokerUnavailable as exc:
+            self.store.discard_unpublished(exc.unsent)
+            raise
+        return [s.job_id for s in submissions]
 
     def get(self, job_id: str) -> JobRecord | None:
         return self.store.get(job_id)

@@ -14,6 +14,7 @@ from sqlalchemy import (
     Enum,
     Float,
     ForeignKey,
+    Index,
     Integer,
     MetaData,
     SmallInteger,
@@ -78,6 +79,11 @@ class Base(DeclarativeBase):
 
 class Job(Base):
     __tablename__ = "jobs"
+    __table_args__ = (
+        # The sweeper's look-up: queued jobs, oldest message first. Named by hand:
+        # the convention would call it ix_jobs_status, the name of the status index.
+        Index("ix_jobs_status_published_at", "status", "published_at"),
+    )
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)  # the Celery task id
     status: Mapped[JobStatus] = mapped_column(
@@ -103,6 +109,10 @@ class Job(Base):
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    # When the job's message last went to the broker; a worker publishes it again
+    # when the job is still queued long after. None: `pagedq run` runs the job in
+    # its own process, and no message is ever sent.
+    published_at: Mapped[datetime | None]
 
     outputs: Mapped[list[Output]] = relationship(
         back_populates="job", order_by="Output.index", cascade="all, delete-orphan"

@@ -58,6 +58,14 @@ class Settings(BaseSettings):
     job_deadline_s: float = Field(600.0, gt=0)
     max_attempts: int = Field(3, gt=0)
     max_prompt_chars: int = Field(1_000_000, gt=0)
+    # Redis loses a message for good when its worker dies between taking it
+    # and recording it as unacked. Workers therefore publish again the jobs
+    # still queued in SQL whose message went out this long ago. None: the
+    # visibility timeout, so a lost message comes back when an abandoned one would.
+    republish_after_s: float | None = Field(None, gt=0)
+    # How often each worker looks for such jobs; None: a tenth of
+    # republish_after_s, at most a minute.
+    sweep_interval_s: float | None = Field(None, gt=0)
 
     flower_address: str = "127.0.0.1"
     flower_port: int = Field(5555, ge=0, le=65535)
@@ -88,12 +96,33 @@ class Settings(BaseSettings):
             )
         return self
 
+    @model_validator(mode="after")
+    def _sweep_within_threshold(self) -> Settings:
+        if self.sweep_interval > self.republish_after:
+            raise ValueError(
+                f"{ENV_PREFIX}SWEEP_INTERVAL_S ({self.sweep_interval:g}) must not exceed "
+                f"{ENV_PREFIX}REPUBLISH_AFTER_S ({self.republish_after:g}, by default "
+                f"{ENV_PREFIX}VISIBILITY_TIMEOUT_S), or a job whose message was lost "
+                "waits for a sweep long after it is due"
+            )
+        return self
+
     def engine_kwargs(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in ENGINE_FIELDS}
 
     @property
     def concurrency(self) -> int:
         return self.worker_concurrency or self.max_num_seqs
+
+    @property
+    def republish_after(self) -> float:
+        """Seconds after its last publish that a still queued job is published again."""
+        return self.republish_after_s or self.visibility_timeout_s
+
+    @property
+    def sweep_interval(self) -> float:
+        """Seconds between two looks of a worker for jobs due a re-publish."""
+        return self.sweep_interval_s or min(60.0, self.republish_after / 10)
 
 
 def load_settings(**overrides: Any) -> Settings:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Engine, delete, select, update
@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session, selectinload
 from worker.db import make_engine, make_sessionmaker
 from worker.models import Job, JobStatus, Metrics, Output, utcnow
 from worker.records import Claim, ClaimOutcome, Completion, JobMetrics, JobRecord, JobSpec
-from worker.schemas import JobRequest
+from worker.schemas import JobRequest, QueueKind
 
 # Rows per INSERT when a bulk job submits many documents at once.
 INSERT_CHUNK = 500
@@ -44,17 +44,21 @@ class JobStore:
 
     # -- producer side ---------------------------------------------------
 
-    def create(self, requests: Sequence[JobRequest]) -> list[Submission]:
+    def create(self, requests: Sequence[JobRequest], *, published: bool = True) -> list[Submission]:
         """Insert one queued row per request; a live or succeeded job with the
-        same idempotency key is returned instead of a new one."""
+        same idempotency key is returned instead of a new one.
+
+        `published`: the caller sends each new job's message right after, so the
+        row says it went out now; a producer that dies in between leaves a job
+        that the sweep publishes later. False: the caller runs the jobs itself."""
         submissions: list[Submission] = []
         for start in range(0, len(requests), INSERT_CHUNK):
-            submissions += self._create_chunk(requests[start:start + INSERT_CHUNK])
+            submissions += self._create_chunk(requests[start:start + INSERT_CHUNK], published)
         return submissions
 
-    def _create_chunk(self, requests: Sequence[JobRequest]) -> list[Submission]:
+    def _create_chunk(self, requests: Sequence[JobRequest], published: bool) -> list[Submission]:
         now = utcnow()
-        rows = [_new_row(request, now) for request in requests]
+        rows = [_new_row(request, now, published) for request in requests]
         keys = [row["idempotency_key"] for row in rows if row["idempotency_key"]]
         with self._session() as session, session.begin():
             if keys:
@@ -193,6 +197,44 @@ class JobStore:
                 ))
         return True
 
+    # -- sweep for lost messages -------------------------------------------
+
+    def claim_republish(self, older_than_s: float, limit: int) -> list[tuple[str, QueueKind]]:
+        """Take up to `limit` queued jobs whose message went out over `older_than_s`
+        ago, oldest first, and mark them published now: concurrent sweeps never
+        both take a job, and a job is taken again only once `older_than_s` has
+        passed anew. Returns each job's id and queue, for the caller to publish."""
+        now = utcnow()
+        due = (
+            select(Job.id, Job.queue)
+            .where(Job.status == JobStatus.QUEUED,
+                   Job.published_at < now - timedelta(seconds=older_than_s))
+            .order_by(Job.published_at)
+            .limit(limit)
+            # PostgreSQL: rows that another sweep holds are its own to publish.
+            # SQLite has no row locks; its BEGIN IMMEDIATE serialises the sweeps.
+            .with_for_update(skip_locked=True)
+        )
+        with self._session() as session, session.begin():
+            jobs = [(job_id, QueueKind(queue)) for job_id, queue in session.execute(due)]
+            if jobs:
+                session.execute(
+                    update(Job).where(Job.id.in_([job_id for job_id, _ in jobs]))
+                    .values(published_at=now)
+                    .execution_options(synchronize_session=False)
+                )
+        return jobs
+
+    def release_republish(self, job_ids: Iterable[str]) -> None:
+        """Make jobs whose re-publish failed due again at the next sweep: their
+        created_at is no later than the publish time that made them due."""
+        with self._session() as session, session.begin():
+            session.execute(
+                update(Job).where(Job.id.in_(list(job_ids)), Job.status == JobStatus.QUEUED)
+                .values(published_at=Job.created_at)
+                .execution_options(synchronize_session=False)
+            )
+
 
 def _storable(text: str) -> str:
     # PostgreSQL text cannot hold NUL, which a model can generate; the exact
@@ -200,7 +242,7 @@ def _storable(text: str) -> str:
     return text.replace("\x00", "\ufffd")
 
 
-def _new_row(request: JobRequest, now: datetime) -> dict[str, Any]:
+def _new_row(request: JobRequest, now: datetime, published: bool) -> dict[str, Any]:
     text_prompt = isinstance(request.prompt, str)
     return {
         "id": str(uuid.uuid4()),
@@ -217,4 +259,5 @@ def _new_row(request: JobRequest, now: datetime) -> dict[str, Any]:
         "cancel_requested": False,
         "created_at": now,
         "updated_at": now,
+        "published_at": now if published else None,
     }

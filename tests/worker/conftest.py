@@ -17,6 +17,8 @@ import redis
 from sqlalchemy import make_url
 
 from tests.worker.services import POSTGRES_URL, REDIS_URL, Stack, engine_fields, stack
+from worker.migrate import run_alembic
+from worker.store import JobStore
 
 
 @pytest.fixture(scope="session")
@@ -56,6 +58,17 @@ def new_pg_database() -> Iterator[Callable[[], str]]:
 @pytest.fixture
 def sqlite_url(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'jobs.db'}"
+
+
+@pytest.fixture(params=["postgres", "sqlite"])
+def store(request: pytest.FixtureRequest, sqlite_url: str) -> Iterator[JobStore]:
+    """A job store on a freshly migrated database, once on each backend."""
+    url = request.getfixturevalue("new_pg_database")() if request.param == "postgres" \
+        else sqlite_url
+    run_alembic(url)
+    store = JobStore.from_url(url)
+    yield store
+    store.close()
 
 
 @pytest.fixture(scope="session")

@@ -13,11 +13,16 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import update
+
 from worker.client import Client
+from worker.models import Job, utcnow
 from worker.settings import Settings, load_settings
+from worker.store import JobStore
 
 REPO = Path(__file__).resolve().parents[2]
 REDIS_URL = os.environ.get("PAGEDQ_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
@@ -31,11 +36,25 @@ def engine_fields(model_dir: Path, **overrides: Any) -> dict[str, Any]:
         "model": str(model_dir), "dtype": "float32", "device": "cpu",
         "num_device_blocks": 512, "swap_space_gib": 0.05, "max_num_seqs": 16,
         "broker_url": REDIS_URL,
-        # Queue names of their own, so that concurrent test runs never share jobs.
-        "interactive_queue": f"pagedq-test-{uuid.uuid4().hex[:8]}.interactive",
-        "bulk_queue": f"pagedq-test-{uuid.uuid4().hex[:8]}.bulk",
+        **private_queues(),
         **overrides,
     }
+
+
+def private_queues() -> dict[str, str]:
+    """Queue names of their own, so that concurrent test runs never share jobs."""
+    run = uuid.uuid4().hex[:8]
+    return {"interactive_queue": f"pagedq-test-{run}.interactive",
+            "bulk_queue": f"pagedq-test-{run}.bulk"}
+
+
+def backdate(store: JobStore, job_ids: list[str], seconds: float = 3600.0) -> None:
+    """Move jobs `seconds` into the past: created then, and published then if they were."""
+    then = utcnow() - timedelta(seconds=seconds)
+    with store.engine.begin() as db:
+        db.execute(update(Job).where(Job.id.in_(job_ids)).values(created_at=then))
+        db.execute(update(Job).where(Job.id.in_(job_ids), Job.published_at.is_not(None))
+                   .values(published_at=then))
 
 
 def as_env(fields: dict[str, Any]) -> dict[str, str]:

@@ -29,6 +29,8 @@ def test_environment_variables_are_read(monkeypatch):
     ("PAGEDQ_BLOCK_SIZE", "12"),
     ("PAGEDQ_PREEMPTION_MODE", "drop"),
     ("PAGEDQ_JOB_DEADLINE_S", "soon"),
+    ("PAGEDQ_REPUBLISH_AFTER_S", "0"),
+    ("PAGEDQ_SWEEP_INTERVAL_S", "-1"),
 ])
 def test_bad_value_names_the_variable(monkeypatch, name, value):
     monkeypatch.setenv(name, value)
@@ -40,6 +42,24 @@ def test_visibility_timeout_must_outlast_the_deadline(monkeypatch):
     monkeypatch.setenv("PAGEDQ_VISIBILITY_TIMEOUT_S", "30")
     monkeypatch.setenv("PAGEDQ_JOB_DEADLINE_S", "60")
     with pytest.raises(SettingsError, match="PAGEDQ_VISIBILITY_TIMEOUT_S"):
+        load_settings()
+
+
+def test_sweep_defaults_follow_the_visibility_timeout(monkeypatch):
+    for name in ("PAGEDQ_REPUBLISH_AFTER_S", "PAGEDQ_SWEEP_INTERVAL_S"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("PAGEDQ_VISIBILITY_TIMEOUT_S", "900")
+    settings = load_settings()
+    assert (settings.republish_after, settings.sweep_interval) == (900, 60)
+    monkeypatch.setenv("PAGEDQ_REPUBLISH_AFTER_S", "120")
+    settings = load_settings()
+    assert (settings.republish_after, settings.sweep_interval) == (120, 12)
+
+
+def test_sweep_interval_must_not_exceed_the_threshold(monkeypatch):
+    monkeypatch.setenv("PAGEDQ_REPUBLISH_AFTER_S", "30")
+    monkeypatch.setenv("PAGEDQ_SWEEP_INTERVAL_S", "60")
+    with pytest.raises(SettingsError, match="PAGEDQ_SWEEP_INTERVAL_S"):
         load_settings()
 
 

@@ -1,24 +1,13 @@
-"""The SQL job store on PostgreSQL and SQLite: idempotent submit, safe claims, fenced finish."""
+"""The SQL job store on PostgreSQL and SQLite: idempotent submit, safe claims, fenced
+finish, and re-publish claims that concurrent sweeps never share."""
 
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
-import pytest
-
-from worker.migrate import run_alembic
+from tests.worker.services import backdate
 from worker.models import JobStatus
 from worker.records import ClaimOutcome, Completion, JobMetrics
-from worker.schemas import parse_job
-from worker.store import JobStore
-
-
-@pytest.fixture(params=["postgres", "sqlite"])
-def store(request, sqlite_url):
-    url = request.getfixturevalue("new_pg_database")() if request.param == "postgres" \
-        else sqlite_url
-    run_alembic(url)
-    store = JobStore.from_url(url)
-    yield store
-    store.close()
+from worker.schemas import QueueKind, parse_job
 
 
 def job(prompt="hello", **fields):
@@ -106,3 +95,49 @@ def test_generated_nul_characters_are_stored(store):
                         outputs=[Completion(0, "a\x00b", [7, 0, 8], "stop", "\x00")])
     output = store.get(job_id).outputs[0]
     assert output.text == "a\ufffdb" and output.token_ids == [7, 0, 8]
+
+
+def test_only_jobs_queued_long_after_their_publish_are_due(store):
+    queued, bulk, running, finished, cancelled = (
+        s.job_id for s in store.create([job(), job(queue="bulk"), job(), job(), job()]))
+    in_process = store.create([job()], published=False)[0].job_id  # `pagedq run`
+    store.claim(running, "w", 3)
+    store.finish(finished, store.claim(finished, "w", 3).spec.attempt, JobStatus.SUCCEEDED)
+    store.request_cancel(cancelled)
+    backdate(store, [queued, bulk, running, finished, cancelled, in_process])
+    store.create([job()])  # queued, but its message has just gone out
+    due = store.claim_republish(60, limit=100)
+    assert sorted(due) == sorted([(queued, QueueKind.INTERACTIVE), (bulk, QueueKind.BULK)])
+    # Taken now: due again only once another threshold has passed.
+    assert store.claim_republish(60, limit=100) == []
+    assert store.get(queued).status is JobStatus.QUEUED
+
+
+def test_due_jobs_come_oldest_first_a_batch_at_a_time(store):
+    ids = [s.job_id for s in store.create([job() for _ in range(5)])]
+    for age, job_id in enumerate(ids):
+        backdate(store, [job_id], seconds=3600 - age)
+    batches = [[job_id for job_id, _ in store.claim_republish(60, limit=2)] for _ in range(4)]
+    assert batches == [ids[0:2], ids[2:4], ids[4:5], []]
+
+
+def test_concurrent_sweeps_take_each_job_once(store):
+    ids = [s.job_id for s in store.create([job() for _ in range(40)])]
+    backdate(store, ids)
+    together = threading.Barrier(8)
+
+    def sweep(_):
+        together.wait()
+        return store.claim_republish(60, limit=10)
+
+    with ThreadPoolExecutor(8) as pool:
+        taken = [job_id for batch in pool.map(sweep, range(8)) for job_id, _ in batch]
+    assert sorted(taken) == sorted(ids)
+
+
+def test_a_released_job_is_due_again_at_once(store):
+    job_id = store.create([job()])[0].job_id
+    backdate(store, [job_id])
+    assert store.claim_republish(60, limit=10) == [(job_id, QueueKind.INTERACTIVE)]
+    store.release_republish([job_id])
+    assert store.claim_republish(60, limit=10) == [(job_id, QueueKind.INTERACTIVE)]

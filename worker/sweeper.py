@@ -1,0 +1,78 @@
+"""Publish again the jobs that are queued in SQL but whose message may be gone.
+
+Redis' acknowledgements are emulated: a worker killed after popping a message
+but before recording it in the unacked hash loses it for good, and nothing in
+the broker brings it back. The row in SQL is the truth, so every worker
+periodically takes the jobs still queued long after their last publish and
+publishes them again.
+
+The extra message this makes when the first one was not lost after all (it sat
+in a long backlog) is safe: the conditional claim and the attempt that fences
+each result keep one set of outputs per job, and a delivery after the job has
+finished does nothing. Only a copy delivered while the job runs costs work: it
+takes the job over as a new attempt. Hence a threshold of the visibility
+timeout by default, and at most one re-publish per job per threshold.
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import Future, ThreadPoolExecutor
+
+from worker.celery_app import PagedqCelery
+from worker.client import BrokerUnavailable, publish
+from worker.db import is_transient
+from worker.store import JobStore
+
+log = logging.getLogger(__name__)
+
+# Jobs per sweep: a backlog older than the threshold is published again a
+# batch per interval and per worker rather than all at once.
+SWEEP_BATCH = 500
+
+
+class Sweeper:
+    def __init__(self, store: JobStore, app: PagedqCelery) -> None:
+        self.store = store
+        self.app = app
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="pagedq-sweep")
+        self._running: Future[None] | None = None
+
+    def sweep(self) -> list[str]:
+        """Publish again one batch of jobs that are due; returns the ids sent."""
+        threshold = self.app.settings.republish_after
+        jobs = self.store.claim_republish(threshold, SWEEP_BATCH)
+        unsent: set[str] = set()
+        try:
+            publish(self.app, jobs)
+        except BrokerUnavailable as exc:
+            unsent = set(exc.unsent)
+            # Their message is still missing: the next sweep tries again.
+            self.store.release_republish(unsent)
+            log.warning("%s; the next sweep tries again", exc)
+        sent = [job_id for job_id, _ in jobs if job_id not in unsent]
+        for job_id in sent:
+            log.info("job %s re-published: still queued %g s after its last publish, "
+                     "its message may be lost", job_id, threshold)
+        return sent
+
+    def sweep_in_background(self) -> None:
+        """Start a sweep in this sweeper's thread, unless one is still running.
+
+        For the worker's timer, which fires in the consumer's event loop: that
+        loop must never wait on SQL or Redis."""
+        if self._running is None or self._running.done():
+            self._running = self._thread.submit(self._sweep_logged)
+
+    def _sweep_logged(self) -> None:
+        try:
+            self.sweep()
+        except Exception as exc:
+            # A future keeps its exception to itself; the next sweep tries again.
+            log.warning("sweep for lost job messages failed: %r", exc,
+                        exc_info=not is_transient(exc))
+
+    def close(self) -> None:
+        """Wait for a sweep in progress, then let go of the database."""
+        self._thread.shutdown(wait=True)
+        self.store.close()
