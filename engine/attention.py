@@ -37,6 +37,7 @@ class TritonAttention:
                  scale: float) -> torch.Tensor:
         from kernels import paged_attention
 
+        # The step's k and v were stored first: the kernel reads them from the cache.
         return paged_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens,
                                meta.query_start_loc, meta.max_query_len, meta.max_seq_len, scale)
 
