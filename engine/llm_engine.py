@@ -17,6 +17,7 @@ from engine.cache_engine import CacheEngine
 from engine.config import CPU_KV_CACHE_GIB, EngineConfig
 from engine.model_loader import (
     load_config,
+    load_eos_token_ids,
     load_model,
     load_tokenizer,
     resolve_max_model_len,
@@ -70,7 +71,8 @@ class LLMEngine:
         self.block_manager = BlockManager(config.block_size, num_device_blocks, num_cpu_blocks,
                                           config.enable_prefix_caching, config.share_blocks)
         self.scheduler = Scheduler(config, self.block_manager)
-        self.eos_token_ids = self._eos_token_ids()
+        self.eos_token_ids = load_eos_token_ids(self.model_path, self.hf_config,
+                                                self.tokenizer)
         self.sampler = Sampler(self.eos_token_ids)
         self.requests: dict[str, SequenceGroup] = {}
         self._aborted: list[SequenceGroup] = []
@@ -111,23 +113,6 @@ class LLMEngine:
         logger.info("KV pool: %d blocks of %d tokens; max concurrency %.1f sequences of "
                     "max_model_len %d", num_blocks, bs, num_blocks / per_seq,
                     self.max_model_len)
-
-    def _eos_token_ids(self) -> set[int]:
-        ids: set[int] = set()
-        gen_eos = None
-        try:
-            from transformers import GenerationConfig
-
-            gen_eos = GenerationConfig.from_pretrained(self.model_path).eos_token_id
-        except OSError:
-            pass
-        for value in (gen_eos, getattr(self.hf_config, "eos_token_id", None),
-                      self.tokenizer.eos_token_id if self.tokenizer else None):
-            if isinstance(value, int):
-                ids.add(value)
-            elif value:
-                ids.update(value)
-        return ids
 
     def get_tokenizer(self):
         return self.tokenizer

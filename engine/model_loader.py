@@ -8,7 +8,13 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoTokenizer,
+    GenerationConfig,
+    PretrainedConfig,
+    PreTrainedTokenizerBase,
+)
 
 from engine.models.llama import RotaryEmbedding
 from engine.models.packed_linear import pack_linears
@@ -96,6 +102,26 @@ def load_tokenizer(path: Path) -> PreTrainedTokenizerBase | None:
         (path / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")
     )
     return AutoTokenizer.from_pretrained(path) if has_tokenizer else None
+
+
+def load_eos_token_ids(path: Path, hf_config: PretrainedConfig,
+                       tokenizer: PreTrainedTokenizerBase | None) -> set[int]:
+    """Every id that ends generation: the generation config's, the model config's and
+    the tokenizer's (chat models often list several there)."""
+    ids: set[int] = set()
+    for value in (_generation_eos(path), getattr(hf_config, "eos_token_id", None),
+                  tokenizer.eos_token_id if tokenizer else None):
+        if isinstance(value, int):
+            ids.add(value)
+        elif value:
+            ids.update(value)
+    return ids
+
+
+def _generation_eos(path: Path) -> int | list[int] | None:
+    if not (path / "generation_config.json").is_file():
+        return None
+    return GenerationConfig.from_pretrained(path).eos_token_id
 
 
 def load_model(path: Path, config: PretrainedConfig, max_len: int, backend: str,

@@ -57,18 +57,19 @@ def plan_decode_groups(meta: "AttentionMetadata", block_size: int) -> list[Decod
 def _decode_group(meta: "AttentionMetadata", rows: list[int] | None,
                   block_size: int) -> DecodeGroup:
     d = meta.num_decodes
-    index = None if rows is None else torch.tensor(rows, device=meta.seq_lens.device)
-    lens_cpu = meta.seq_lens_cpu[:d] if rows is None else [meta.seq_lens_cpu[i] for i in rows]
-    tables = meta.block_tables[:d] if index is None else meta.block_tables[index]
-    seq_lens = meta.seq_lens[:d] if index is None else meta.seq_lens[index]
+    if rows is None:
+        index, pick, lens_cpu = None, slice(0, d), meta.seq_lens_cpu[:d]
+    else:
+        index = pick = torch.tensor(rows, device=meta.seq_lens.device)
+        lens_cpu = [meta.seq_lens_cpu[i] for i in rows]
     n, ctx = len(lens_cpu), max(lens_cpu)
-    positions = torch.arange(ctx, device=seq_lens.device).expand(n, ctx)
-    last = seq_lens[:, None].long() - 1
+    positions = torch.arange(ctx, device=meta.seq_lens.device).expand(n, ctx)
+    last = meta.seq_lens[pick, None].long() - 1
     mask = None if min(lens_cpu) == ctx else (positions <= last)[:, None, None, :]
     # Padding reads the sequence's own last slot rather than a never-written one,
     # which may hold anything (NaN included, and 0 * NaN is NaN even when masked).
     positions = torch.minimum(positions, last)
-    blocks = tables.long().gather(1, positions // block_size)
+    blocks = meta.block_tables[pick].long().gather(1, positions // block_size)
     slots = (blocks * block_size + positions % block_size).flatten()
     return DecodeGroup(index, slots, mask, n)
 
@@ -101,21 +102,26 @@ class TorchAttention:
                 meta: "AttentionMetadata", scale: float) -> torch.Tensor:
         if meta.decode_groups is None:  # once per step, for every layer
             meta.decode_groups = plan_decode_groups(meta, k_cache.shape[1])
-        kvh, hd = k_cache.shape[2:]
-        k_slots, v_slots = k_cache.flatten(0, 1), v_cache.flatten(0, 1)
-        out = q if meta.decode_groups[0].rows is None else torch.empty_like(q)
-        for group in meta.decode_groups:
-            n = group.num_seqs
-            k = k_slots.index_select(0, group.slots).view(n, -1, kvh, hd).transpose(1, 2)
-            v = v_slots.index_select(0, group.slots).view(n, -1, kvh, hd).transpose(1, 2)
-            qg = q if group.rows is None else q.index_select(0, group.rows)
-            # One query token per sequence: the heads sharing a KV head become its rows.
-            o = F.scaled_dot_product_attention(qg.view(n, kvh, -1, hd), k, v,
-                                               attn_mask=group.mask, scale=scale)
-            if group.rows is None:
-                return o.reshape(q.shape)
-            out.index_copy_(0, group.rows, o.reshape(n, *q.shape[1:]))
+        groups = meta.decode_groups
+        if groups[0].rows is None:  # one group, in batch order
+            return _attend_decodes(q, k_cache, v_cache, groups[0], scale)
+        out = torch.empty_like(q)
+        for group in groups:
+            out.index_copy_(0, group.rows, _attend_decodes(
+                q.index_select(0, group.rows), k_cache, v_cache, group, scale))
         return out
+
+
+def _attend_decodes(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    group: DecodeGroup, scale: float) -> torch.Tensor:
+    """One decode group's queries [n, h, hd] over the slots it gathers."""
+    n, (kvh, hd) = group.num_seqs, k_cache.shape[2:]
+    k = k_cache.flatten(0, 1).index_select(0, group.slots).view(n, -1, kvh, hd)
+    v = v_cache.flatten(0, 1).index_select(0, group.slots).view(n, -1, kvh, hd)
+    # One query token per sequence: the heads sharing a KV head become its rows.
+    out = F.scaled_dot_product_attention(q.view(n, kvh, -1, hd), k.transpose(1, 2),
+                                         v.transpose(1, 2), attn_mask=group.mask, scale=scale)
+    return out.reshape(q.shape)
 
 
 def _gather(cache: torch.Tensor, block_table: torch.Tensor, ctx: int) -> torch.Tensor:
