@@ -1,13 +1,42 @@
-"""pagedq's inference engine: paged KV cache, continuous batching, torch only."""
+"""pagedq's inference engine: paged KV cache, continuous batching, torch only.
 
-from engine.config import EngineConfig
-from engine.llm import LLM
-from engine.llm_engine import LLMEngine
-from engine.outputs import CompletionOutput, EngineStats, RequestOutput
-from engine.sampling_params import BeamSearchParams, SamplingParams
-from engine.sequence import RequestMetrics
+Names are imported on first use, so that a producer which only validates
+`SamplingParams` never pays for importing torch.
+"""
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+_HOMES = {
+    "LLM": "engine.llm",
+    "BeamSearchParams": "engine.sampling_params",
+    "CompletionOutput": "engine.outputs",
+    "EngineConfig": "engine.config",
+    "EngineStats": "engine.outputs",
+    "LLMEngine": "engine.llm_engine",
+    "RequestMetrics": "engine.sequence",
+    "RequestOutput": "engine.outputs",
+    "SamplingParams": "engine.sampling_params",
+}
 
 __all__ = [
     "LLM", "BeamSearchParams", "CompletionOutput", "EngineConfig", "EngineStats", "LLMEngine",
     "RequestMetrics", "RequestOutput", "SamplingParams",
 ]
+
+if TYPE_CHECKING:
+    from engine.config import EngineConfig
+    from engine.llm import LLM
+    from engine.llm_engine import LLMEngine
+    from engine.outputs import CompletionOutput, EngineStats, RequestOutput
+    from engine.sampling_params import BeamSearchParams, SamplingParams
+    from engine.sequence import RequestMetrics
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module 'engine' has no attribute {name!r}")
+    value = getattr(import_module(home), name)
+    globals()[name] = value
+    return value

@@ -11,9 +11,11 @@ merges every bootstep's info(), which is how Flower's worker page and
 from __future__ import annotations
 
 import logging
+from os import EX_SOFTWARE
 from typing import Any
 
 from celery import bootsteps
+from celery.worker import state as worker_state
 from celery.worker.control import control_command
 
 from worker.celery_app import CANCEL_COMMAND, PagedqCelery
@@ -44,7 +46,7 @@ class EngineStep(bootsteps.StartStopStep):
 
             return LLMEngine(EngineConfig(**settings.engine_kwargs()))
 
-        service = EngineService(build)
+        service = EngineService(build, on_death=lambda: _exit_worker(app))
         log.info("starting the engine on %s", settings.model)
         service.start()
         self.runner = app.runner = JobRunner(store, service, settings)
@@ -56,11 +58,21 @@ class EngineStep(bootsteps.StartStopStep):
         # The consumer has stopped taking messages; let the jobs already in the
         # engine finish so their threads can record them.
         self.runner.service.stop(timeout=self.runner.settings.job_deadline_s + RESULT_GRACE_S)
+        self.runner.close()
         self.runner.store.close()
         parent.app.runner = self.runner = None
 
     def info(self, parent: Any) -> dict[str, Any]:
         return {"engine": self.runner.service.stats() if self.runner else {}}
+
+
+def _exit_worker(app: PagedqCelery) -> None:
+    """The engine loop died and has failed its jobs, which give themselves back:
+    stop taking messages and exit non-zero, for the supervisor to restart us."""
+    log.critical("the engine loop died; the worker shuts down (exit status %d)", EX_SOFTWARE)
+    # Celery's own exit code is lost on the way out of worker_main; `pagedq
+    # worker` returns this one.
+    app.exit_status = worker_state.should_stop = EX_SOFTWARE
 
 
 class SweepStep(bootsteps.StartStopStep):

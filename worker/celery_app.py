@@ -23,6 +23,8 @@ class PagedqCelery(Celery):
     settings: Settings
     # Set by the engine bootstep in a worker process; None in producers.
     runner: JobRunner | None = None
+    # The worker process's exit status: non-zero when its engine died.
+    exit_status: int = 0
 
     def queue_name(self, kind: QueueKind) -> str:
         return {QueueKind.INTERACTIVE: self.settings.interactive_queue,

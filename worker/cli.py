@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides = {"model": args.model} if getattr(args, "model", None) else {}
         settings = load_settings(**overrides)
         return args.command(settings, args) or 0
-    except (SettingsError, SchemaOutOfDate, BrokerUnavailable, FileNotFoundError) as exc:
+    except (SettingsError, SchemaOutOfDate, BrokerUnavailable, OSError) as exc:
         print(f"pagedq: {exc}", file=sys.stderr)
         return 2
 
@@ -61,7 +61,7 @@ def _worker(settings: Settings, args: argparse.Namespace) -> int:
     if args.hostname:
         argv.append(f"--hostname={args.hostname}")
     app.worker_main(argv)
-    return 0
+    return app.exit_status
 
 
 def _flower(settings: Settings, args: argparse.Namespace) -> int:
@@ -114,12 +114,13 @@ def _run(settings: Settings, args: argparse.Namespace) -> int:
     except ValueError as exc:  # the engine names the bad knob
         raise SettingsError(f"the engine refused its settings: {exc}") from exc
     store = JobStore.from_url(settings.database_url)
+    runner = JobRunner(store, service, settings)
     try:
-        runner = JobRunner(store, service, settings)
         summary = run_bulk(args.docs, args.output, _job_options(args),
                            LocalBackend(runner, settings.concurrency), progress=not args.quiet)
     finally:
         service.stop(timeout=settings.job_deadline_s)
+        runner.close()
         store.close()
     print(summary.table())
     return 0 if summary.failed == 0 else 1
@@ -154,7 +155,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="override PAGEDQ_MODEL")
     p.set_defaults(command=_worker)
 
-    p = commands.add_parser("flower", help="run Flower on this broker")
+    p = commands.add_parser(
+        "flower", help="run Flower on this broker, behind a login",
+        description="Without PAGEDQ_FLOWER_PASSWORD a password is generated and printed.")
     p.add_argument("--address", help="override PAGEDQ_FLOWER_ADDRESS (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="override PAGEDQ_FLOWER_PORT (default 5555)")
     p.set_defaults(command=_flower)

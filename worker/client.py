@@ -18,8 +18,9 @@ from kombu.exceptions import OperationalError as BrokerError
 from worker.celery_app import CANCEL_COMMAND, TASK_NAME, PagedqCelery, create_app
 from worker.models import JobStatus
 from worker.records import JobRecord
+from worker.redact import mask_url
 from worker.schemas import GenerationParams, InvalidJob, JobRequest, QueueKind, parse_job
-from worker.settings import Settings, load_settings
+from worker.settings import ENV_PREFIX, Settings, load_settings
 from worker.store import JobStore
 
 POLL_START_S = 0.02
@@ -51,9 +52,15 @@ def publish(app: PagedqCelery, jobs: Sequence[tuple[str, QueueKind]]) -> None:
                 sent += 1
     except (BrokerError, OSError) as exc:
         raise BrokerUnavailable(
-            f"could not enqueue {len(jobs) - sent} job(s) on {app.conf.broker_url}: {exc}",
+            f"could not enqueue {len(jobs) - sent} job(s) "
+            f"on {mask_url(app.conf.broker_url)}: {exc}",
             [job_id for job_id, _ in jobs[sent:]],
         ) from exc
+
+
+def _cap(field: str, size: int, unit: str, limit: int, variable: str) -> None:
+    if size > limit:
+        raise InvalidJob(f"{field}: {size} {unit} is over {ENV_PREFIX}{variable} ({limit})")
 
 
 class Client:
@@ -99,9 +106,15 @@ class Client:
 
     def _parse(self, request: JobRequest | Mapping[str, Any]) -> JobRequest:
         job = parse_job(request if isinstance(request, JobRequest) else dict(request))
-        if isinstance(job.prompt, str) and len(job.prompt) > self.settings.max_prompt_chars:
-            raise InvalidJob(f"prompt: {len(job.prompt)} characters is over "
-                             f"PAGEDQ_MAX_PROMPT_CHARS ({self.settings.max_prompt_chars})")
+        s, params = self.settings, job.params
+        if isinstance(job.prompt, str):
+            _cap("prompt", len(job.prompt), "characters", s.max_prompt_chars, "MAX_PROMPT_CHARS")
+        else:
+            _cap("prompt", len(job.prompt), "token ids", s.max_prompt_token_ids,
+                 "MAX_PROMPT_TOKEN_IDS")
+        _cap("params.stop", len(params.stop or ()), "strings", s.max_stop, "MAX_STOP")
+        _cap("params.stop_token_ids", len(params.stop_token_ids or ()), "ids", s.max_stop,
+             "MAX_STOP")
         return job
 
     def _submit(self, jobs: list[JobRequest]) -> list[str]:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
+import math
+import re
 import string
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,7 +17,10 @@ from worker.records import JobRecord
 from worker.schemas import GenerationParams, JobRequest, QueueKind, parse_job
 
 SAMPLING_FIELDS = frozenset(GenerationParams.model_fields)
+LINE_FIELDS = frozenset({"id", "prompt", "text", "priority"})
 DEFAULT_TEMPLATE = "{text}"
+# PostgreSQL stores neither NUL in text nor a lone surrogate (not encodable as UTF-8).
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 
 
 @dataclass(slots=True)
@@ -46,24 +52,45 @@ class JobOptions:
 def check_template(template: str) -> str:
     """A template names the line's fields, e.g. "Summarize: {text}"."""
     try:
-        fields = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+        fields = list(_field_names(template))
     except ValueError as exc:
         raise ValueError(f"template: {exc}") from None
     if not fields or any(not name or name.isdigit() for name in fields):
         raise ValueError("template: use named fields of the input line, such as {text}")
+    if bad := _UNSTORABLE.search(template):
+        raise ValueError(f"template: contains {_describe_char(bad.group())}")
     return template
+
+
+def template_fields(template: str) -> frozenset[str]:
+    """The line fields a template reads: "title" for both {title} and {title[0]}."""
+    return frozenset(re.split(r"[.\[]", name, maxsplit=1)[0]
+                     for name in _field_names(template))
+
+
+def _field_names(template: str) -> Iterator[str]:
+    # A format spec may hold fields of its own, as in "{text:>{width}}".
+    for _, name, spec, _ in string.Formatter().parse(template):
+        if name is not None:
+            yield name
+            yield from _field_names(spec or "")
 
 
 def read_documents(path: Path, options: JobOptions) -> Iterator[Document | BadLine]:
     """Each line: {"id": ..., "prompt": ...} or {"id": ..., "text": ...} (placed into
     the template) plus optional sampling fields. A bad line is yielded as BadLine."""
+    allowed = LINE_FIELDS | SAMPLING_FIELDS | template_fields(options.template)
     seen: set[str] = set()
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
+    with path.open("rb") as handle:
+        for item in _decoded_lines(handle):
+            if isinstance(item, BadLine):
+                yield item
+                continue
+            number, line = item
             if not line.strip():
                 continue
             try:
-                document = _parse_line(line, options)
+                document = _parse_line(line, options, allowed)
             except (ValueError, KeyError) as exc:
                 yield BadLine(number, _message(exc))
                 continue
@@ -74,13 +101,22 @@ def read_documents(path: Path, options: JobOptions) -> Iterator[Document | BadLi
             yield document
 
 
-def _parse_line(line: str, options: JobOptions) -> Document:
-    try:
-        data = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"not JSON ({exc.msg})") from None
-    if not isinstance(data, dict):
-        raise ValueError("not a JSON object")
+def _decoded_lines(handle: Iterable[bytes]) -> Iterator[tuple[int, str] | BadLine]:
+    # Each line is decoded on its own so that one bad byte costs one line.
+    for number, raw in enumerate(handle, start=1):
+        try:
+            # utf-8-sig: some editors start the file with a byte order mark.
+            yield number, raw.decode("utf-8-sig" if number == 1 else "utf-8")
+        except UnicodeDecodeError as exc:
+            yield BadLine(number, f"not UTF-8 (byte 0x{raw[exc.start]:02x} at offset {exc.start})")
+
+
+def _parse_line(line: str, options: JobOptions, allowed: frozenset[str]) -> Document:
+    data = _load_object(line)
+    if (problem := _unstorable(data)) is not None:
+        raise ValueError(problem)
+    if unknown := [key for key in data if key not in allowed]:
+        raise ValueError("; ".join(_unknown_field(key, allowed) for key in unknown))
     doc_id = data.get("id")
     if not isinstance(doc_id, str | int) or isinstance(doc_id, bool) or doc_id == "":
         raise ValueError("id: a non-empty string or integer is required")
@@ -89,7 +125,7 @@ def _parse_line(line: str, options: JobOptions) -> Document:
     elif "text" in data:
         if not isinstance(data["text"], str):
             raise ValueError("text: must be a string")
-        prompt = options.template.format_map(data)
+        prompt = _fill(options.template, data)
     else:
         raise ValueError("needs a prompt or a text field")
     params = {**(options.defaults or {}),
@@ -102,6 +138,71 @@ def _parse_line(line: str, options: JobOptions) -> Document:
         [str(doc_id), job.prompt, job.params.model_dump(), job.chat], sort_keys=True
     ).encode()).hexdigest()
     return Document(str(doc_id), job.model_copy(update={"idempotency_key": f"doc:{digest}"}))
+
+
+def _load_object(line: str) -> dict[str, Any]:
+    try:
+        data = json.loads(line, parse_constant=_reject_constant, parse_float=_finite_float)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"not JSON ({exc.msg})") from None
+    except RecursionError:
+        raise ValueError("not JSON (nested too deeply)") from None
+    if not isinstance(data, dict):
+        raise ValueError("not a JSON object")
+    return data
+
+
+def _reject_constant(name: str) -> Any:
+    # Python's json reads these, but they are not JSON and no database stores them.
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text} is out of range")
+    return value
+
+
+def _unstorable(data: dict[str, Any]) -> str | None:
+    """The first string (key or value, at any depth) the database cannot store, named
+    by its dotted path; iterative, as a deep line must not exhaust the stack."""
+    pending: list[tuple[str, Any]] = [("", data)]
+    while pending:
+        where, item = pending.pop()
+        if isinstance(item, str) and (bad := _UNSTORABLE.search(item)):
+            return f"{where}: contains {_describe_char(bad.group())}"
+        if isinstance(item, dict):
+            for key, child in reversed(item.items()):
+                child_path = f"{where}.{_printable(key)}" if where else _printable(key)
+                pending += [(child_path, child), (f"field name {child_path}", key)]
+        elif isinstance(item, list):
+            pending += reversed([(f"{where}.{i}", child) for i, child in enumerate(item)])
+    return None
+
+
+def _describe_char(char: str) -> str:
+    if char == "\x00":
+        return "a NUL character (\\u0000)"
+    return f"a lone surrogate (\\u{ord(char):04x})"
+
+
+def _printable(text: str) -> str:
+    return _UNSTORABLE.sub(lambda bad: f"\\u{ord(bad.group()):04x}", text)
+
+
+def _unknown_field(key: str, allowed: frozenset[str]) -> str:
+    close = difflib.get_close_matches(key, sorted(allowed), n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"unknown field {key!r}{hint}"
+
+
+def _fill(template: str, data: dict[str, Any]) -> str:
+    try:
+        return template.format_map(data)
+    except (IndexError, AttributeError, TypeError, ValueError) as exc:
+        # "{title[0]}" on a number, "{n:d}" on a string: the line does not fit the template.
+        raise ValueError(f"does not fit the template ({exc})") from None
 
 
 def _message(exc: Exception) -> str:

@@ -66,6 +66,7 @@ class _Add:
 @dataclass(slots=True)
 class _Cancel:
     job_id: str
+    request_id: str | None = None  # one attempt only; None: every attempt of the job
 
 
 @dataclass(slots=True)
@@ -90,8 +91,12 @@ class _Rate:
 
 
 class EngineService:
-    def __init__(self, build: Callable[[], LLMEngine]) -> None:
+    def __init__(self, build: Callable[[], LLMEngine],
+                 on_death: Callable[[], None] | None = None) -> None:
+        """`on_death` is called from the loop thread if the loop dies, after every
+        job in it has been failed: a worker without an engine should exit."""
         self._build = build
+        self._on_death = on_death
         self._commands: queue.SimpleQueue[_Add | _Cancel | None] = queue.SimpleQueue()
         self._live: dict[str, _Live] = {}  # request id -> its job and future
         self._early_cancels: dict[str, float] = {}  # job id -> when the cancel came
@@ -106,6 +111,7 @@ class EngineService:
         self._arriving = 0  # job threads between taking a job and submitting it
         self._arriving_lock = threading.Lock()
         self._snapshot: dict[str, Any] = {}
+        self._beat = time.monotonic()  # when the loop last went round
         self.tokenizer: Any = None
 
     # -- called from any thread -------------------------------------------
@@ -124,8 +130,15 @@ class EngineService:
             self._commands.put(None)
         self._thread.join(timeout)
 
-    def submit(self, job_id: str, attempt: int, prompt: str | list[int], params: SamplingParams,
-               priority: int = 0, deadline: float | None = None) -> Future[Generation]:
+    def alive(self, within_s: float) -> bool:
+        """The loop runs and went round in the last `within_s` seconds."""
+        return (self._thread.is_alive() and not self._closed
+                and time.monotonic() - self._beat < within_s)
+
+    def submit(self, job_id: str, attempt: str | int, prompt: str | list[int],
+               params: SamplingParams, priority: int = 0,
+               deadline: float | None = None) -> Future[Generation]:
+        """Queue one attempt at a job; `attempt` tells it from other attempts."""
         future: Future[Generation] = Future()
         # Under the lock no submission can slip in behind stop()'s sentinel,
         # where the finished loop would never answer it.
@@ -152,6 +165,10 @@ class EngineService:
     def cancel(self, job_id: str) -> None:
         self._commands.put(_Cancel(job_id))
 
+    def abort_attempt(self, job_id: str, attempt: str | int) -> None:
+        """Abort one attempt (its job was taken over elsewhere), not the job's others."""
+        self._commands.put(_Cancel(job_id, f"{job_id}#{attempt}"))
+
     def stats(self) -> dict[str, Any]:
         """The engine's live state as of its last step (safe to read from any thread)."""
         return self._snapshot
@@ -170,6 +187,7 @@ class EngineService:
             self._ready.set()
         try:
             while not (self._stopping and not self._live):
+                self._beat = time.monotonic()
                 idle = not self._engine.has_unfinished_requests()
                 self._drain(block=idle)
                 if idle and self._engine.has_unfinished_requests():
@@ -179,6 +197,8 @@ class EngineService:
         except BaseException as exc:
             log.exception("the engine loop died")
             self._close_down(EngineFailure(f"the engine loop died: {exc!r}"))
+            if self._on_death is not None:
+                self._on_death()
 
     def _drain(self, block: bool) -> None:
         """Apply every waiting command, first waiting a while for one if `block`."""
@@ -217,7 +237,7 @@ class EngineService:
     def _apply(self, command: _Add | _Cancel) -> None:
         assert self._engine is not None
         if isinstance(command, _Cancel):
-            self._cancel(command.job_id)
+            self._cancel(command)
             return
         if command.job_id in self._early_cancels:
             command.future.set_exception(JobCancelled(command.job_id))
@@ -230,14 +250,15 @@ class EngineService:
             return
         self._live[command.request_id] = _Live(command.job_id, command.future)
 
-    def _cancel(self, job_id: str) -> None:
+    def _cancel(self, command: _Cancel) -> None:
         assert self._engine is not None
+        job_id = command.job_id
         found = False
         for request_id, live in self._live.items():
-            if live.job_id == job_id:
+            if live.job_id == job_id and command.request_id in (None, request_id):
                 live.cancelled = found = True
                 self._engine.abort_request(request_id, CANCEL_REASON)
-        if not found:
+        if not found and command.request_id is None:
             now = time.monotonic()
             self._early_cancels = {job: at for job, at in self._early_cancels.items()
                                    if now - at < EARLY_CANCEL_TTL_S}

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from worker.db import is_transient
 from worker.engine_service import EngineFailure, EngineService, Generation, JobCancelled
+from worker.leases import LeaseKeeper
 from worker.models import JobStatus
 from worker.records import ClaimOutcome, Completion, JobMetrics, JobSpec
 from worker.settings import Settings
@@ -50,30 +51,54 @@ class JobRunner:
         self.store = store
         self.service = service
         self.settings = settings
+        self.leases = LeaseKeeper(store, settings.lease_s, service.alive,
+                                  service.abort_attempt)
+        self.leases.start()
+
+    def close(self) -> None:
+        self.leases.close()
 
     def run(self, job_id: str, worker: str) -> Outcome:
+        """One delivery of a job. Raises a retryable error, with the job given back
+        uncharged where the database allows, when the machinery failed it."""
+        # A worker whose engine is gone must not take (and charge) jobs it cannot run.
+        if not self.service.alive(self.settings.lease_s):
+            raise EngineFailure("this worker's engine loop is not running")
         with self.service.arriving():
-            claim = self.store.claim(job_id, worker, self.settings.max_attempts)
+            claim = self.store.claim(job_id, worker, self.settings.max_attempts,
+                                     self.settings.lease_s)
             if claim.spec is None:
                 log.info("job %s not run: %s", job_id, claim.outcome.value)
                 return Outcome(job_id, claim.outcome)
             spec = claim.spec
-            try:
-                started = self._start(spec)
-            except Exception as exc:
-                return self._failed(spec, exc)
-        if isinstance(started, Outcome):
-            return started
+            self.leases.hold(spec.id, spec.lease_id)
         try:
+            return self._attempt(spec, worker)
+        finally:
+            self.leases.drop(spec.lease_id)
+
+    def _attempt(self, spec: JobSpec, worker: str) -> Outcome:
+        try:
+            with self.service.arriving():
+                started = self._start(spec)
+            if isinstance(started, Outcome):
+                return started
             return self._collect(spec, started, worker)
         except Exception as exc:
-            return self._failed(spec, exc)
+            if is_retryable(exc):
+                self._give_back(spec, exc)
+                raise
+            log.exception("job %s failed unexpectedly", spec.id)
+            return self._finish(spec, JobStatus.FAILED, error=f"internal error: {exc!r}")
 
-    def _failed(self, spec: JobSpec, exc: Exception) -> Outcome:
-        if is_retryable(exc):
-            raise exc
-        log.exception("job %s failed unexpectedly", spec.id)
-        return self._finish(spec, JobStatus.FAILED, error=f"internal error: {exc!r}")
+    def _give_back(self, spec: JobSpec, cause: Exception) -> None:
+        """Requeue a job the machinery failed, without charging its attempt. If the
+        database is away too, the lease runs out and the sweep requeues it."""
+        try:
+            self.store.release(spec.id, spec.lease_id)
+        except Exception as exc:
+            log.warning("job %s: could not give it back after %r (%r); the sweep takes "
+                        "it once its lease expires", spec.id, cause, exc)
 
     def _start(self, spec: JobSpec) -> Future[Generation] | Outcome:
         from engine import SamplingParams
@@ -83,7 +108,7 @@ class JobRunner:
             prompt = self._render(spec)
         except ValueError as exc:
             return self._finish(spec, JobStatus.FAILED, error=f"invalid job: {exc}")
-        return self.service.submit(spec.id, spec.attempt, prompt, params, spec.priority,
+        return self.service.submit(spec.id, spec.lease_id, prompt, params, spec.priority,
                                    time.time() + self._deadline_s(spec))
 
     def _collect(self, spec: JobSpec, future: Future[Generation], worker: str) -> Outcome:
@@ -119,10 +144,10 @@ class JobRunner:
             for o in output.outputs
         ]
         metrics = None if output is None else _metrics(spec, output, worker)
-        recorded = self.store.finish(spec.id, spec.attempt, status, error=error,
+        recorded = self.store.finish(spec.id, spec.lease_id, status, error=error,
                                      outputs=completions, metrics=metrics)
         if not recorded:
-            log.warning("job %s attempt %d superseded by a newer attempt; result dropped",
+            log.warning("job %s attempt %d lost its lease to a newer attempt; result dropped",
                         spec.id, spec.attempt)
         return Outcome(spec.id, ClaimOutcome.CLAIMED, status, error, recorded)
 

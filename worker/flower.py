@@ -1,12 +1,22 @@
-"""Flower, pointed at pagedq's broker: loopback by default, basic auth when a password is set."""
+"""Flower, pointed at pagedq's broker: loopback by default, always behind basic auth.
+
+Without a login Flower's API would answer any origin (`Access-Control-Allow-Origin:
+*`), so any web page the user opens could enqueue or revoke jobs; with basic
+auth Flower sends no CORS header and refuses cross-site writes.
+"""
 
 from __future__ import annotations
 
 import ipaddress
 import os
+import secrets
+import sys
 
 from worker.celery_app import create_app
 from worker.settings import ENV_PREFIX, Settings, SettingsError
+
+# 32 bytes, 43 URL-safe characters: never a ',' or ':' that Flower would misread.
+GENERATED_PASSWORD_BYTES = 32
 
 
 def _is_loopback(address: str) -> bool:
@@ -18,23 +28,38 @@ def _is_loopback(address: str) -> bool:
         return False
 
 
-def flower_environment(settings: Settings) -> dict[str, str]:
-    """The FLOWER_* variables for these settings (Flower reads its options from them)."""
+def flower_password(settings: Settings) -> str | None:
+    """The configured password; None when Flower may run with a generated one."""
     if settings.flower_password is not None:
-        secret = settings.flower_password.get_secret_value()
-        # Passed through the environment, not argv, to keep it out of `ps`.
-        return {"FLOWER_BASIC_AUTH": f"{settings.flower_user}:{secret}"}
+        return settings.flower_password.get_secret_value()
     if not _is_loopback(settings.flower_address):
+        # A password printed to a log is fine for one user on loopback, not
+        # for a service reachable by others.
         raise SettingsError(
             f"{ENV_PREFIX}FLOWER_PASSWORD must be set for Flower to listen on "
             f"{settings.flower_address!r}; without it Flower stays on 127.0.0.1"
         )
-    # Only reachable from this machine: let its JSON API answer without login.
-    return {"FLOWER_UNAUTHENTICATED_API": "true"}
+    return None
+
+
+def generate_password() -> str:
+    return secrets.token_urlsafe(GENERATED_PASSWORD_BYTES)
+
+
+def flower_environment(settings: Settings, password: str) -> dict[str, str]:
+    """The FLOWER_* variables for these settings (Flower reads its options from them)."""
+    # Passed through the environment, not argv, to keep it out of `ps`.
+    return {"FLOWER_BASIC_AUTH": f"{settings.flower_user}:{password}"}
 
 
 def run_flower(settings: Settings) -> int | None:
-    os.environ.update(flower_environment(settings))
+    password = flower_password(settings)
+    if password is None:
+        password = generate_password()
+        print(f"pagedq flower: log in as user {settings.flower_user!r} with password "
+              f"{password!r} (generated for this run; set {ENV_PREFIX}FLOWER_PASSWORD "
+              "for a fixed one)", file=sys.stderr, flush=True)
+    os.environ.update(flower_environment(settings, password))
     app = create_app(settings)
     return app.start(["flower", f"--address={settings.flower_address}",
                       f"--port={settings.flower_port}"])

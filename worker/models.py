@@ -83,6 +83,8 @@ class Job(Base):
         # The sweeper's look-up: queued jobs, oldest message first. Named by hand:
         # the convention would call it ix_jobs_status, the name of the status index.
         Index("ix_jobs_status_published_at", "status", "published_at"),
+        # The sweeper's other look-up: running jobs whose lease has expired.
+        Index("ix_jobs_status_lease_expires_at", "status", "lease_expires_at"),
     )
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)  # the Celery task id
@@ -113,6 +115,14 @@ class Job(Base):
     # when the job is still queued long after. None: `pagedq run` runs the job in
     # its own process, and no message is ever sent.
     published_at: Mapped[datetime | None]
+    # The claim of the attempt now running: its id fences every write of that
+    # attempt (a newer claim changes it), and it holds the job only until it
+    # expires, unless the worker's live engine loop renews it.
+    lease_id: Mapped[str | None] = mapped_column(String(32))
+    lease_expires_at: Mapped[datetime | None]
+    # Hash of what the job computes (prompt, params, chat), to tell a retry of
+    # the same request from a different request reusing its idempotency key.
+    fingerprint: Mapped[str | None] = mapped_column(String(64))
 
     outputs: Mapped[list[Output]] = relationship(
         back_populates="job", order_by="Output.index", cascade="all, delete-orphan"

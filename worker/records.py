@@ -94,6 +94,7 @@ class JobSpec:
 
     id: str
     attempt: int
+    lease_id: str  # fences this attempt's writes
     prompt: str | list[int]
     params: dict[str, Any]
     priority: int
@@ -106,6 +107,7 @@ class ClaimOutcome(enum.Enum):
     CLAIMED = "claimed"
     MISSING = "missing"  # no such row: the producer gave up on it
     FINISHED = "finished"  # a duplicate delivery of a job already done
+    BUSY = "busy"  # a duplicate delivery of a job that a live lease holds
     CANCELLED = "cancelled"  # cancelled before it could start
     EXHAUSTED = "exhausted"  # too many attempts; now failed
 

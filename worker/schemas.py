@@ -1,18 +1,29 @@
-"""What a producer may ask for, validated before anything is written or enqueued."""
+"""What a producer may ask for, validated before anything is written or enqueued.
+
+The sampling fields are not written down here: `GenerationParams` is built
+from the engine's `SamplingParams` (names, types, defaults) and checked by
+constructing one, so a job the producer accepts is a job the worker can run.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import enum
-from typing import Annotated, Any, Self
+import hashlib
+import json
+from typing import Any, Self, get_type_hints
 
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
     ValidationError,
+    create_model,
     field_validator,
     model_validator,
 )
+
+from engine.sampling_params import SamplingParams
 
 
 class QueueKind(enum.StrEnum):
@@ -20,32 +31,62 @@ class QueueKind(enum.StrEnum):
     BULK = "bulk"
 
 
-class GenerationParams(BaseModel):
-    """The sampling fields of engine.SamplingParams, with the same names and defaults."""
+class InvalidJob(ValueError):
+    """A job was rejected before being stored or enqueued; the message names the fields."""
 
+
+class IdempotencyConflict(InvalidJob):
+    """An idempotency key already names a job that asked for something else."""
+
+
+class _BrokenRule(ValueError):
+    """An engine rule a sampling field breaks; `field` is the field it names."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+def _field_spec(field: dataclasses.Field[Any], annotation: Any) -> tuple[Any, Any]:
+    if field.default_factory is not dataclasses.MISSING:
+        # Lists (stop, stop_token_ids) may also be given as null, as the engine allows.
+        return annotation | None, Field(default_factory=field.default_factory)
+    return annotation, field.default
+
+
+class _EngineChecked(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    n: int = Field(1, ge=1, le=64)
-    temperature: float = Field(1.0, ge=0.0)
-    top_k: int = Field(0, ge=-1)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    min_p: float = Field(0.0, ge=0.0, le=1.0)
-    repetition_penalty: float = Field(1.0, gt=0.0)
-    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    seed: int | None = None
-    max_tokens: int = Field(16, ge=1)
-    min_tokens: int = Field(0, ge=0)
-    stop: list[Annotated[str, Field(min_length=1)]] | None = None
-    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
-    ignore_eos: bool = False
-    logprobs: int | None = Field(None, ge=0, le=20)
-
     @model_validator(mode="after")
-    def _min_below_max(self) -> Self:
-        if self.min_tokens > self.max_tokens:
-            raise ValueError("min_tokens must not exceed max_tokens")
+    def _engine_rules(self) -> Self:
+        try:
+            SamplingParams(**self.model_dump())
+        except ValueError as exc:
+            message = str(exc)
+            name = message.split(" ", 1)[0]
+            raise _BrokenRule(name if name in type(self).model_fields else "", message) from None
         return self
+
+
+GenerationParams = create_model(
+    "GenerationParams",
+    __base__=_EngineChecked,
+    __doc__="The fields of engine.SamplingParams, with its names, defaults and rules.",
+    **{f.name: _field_spec(f, get_type_hints(SamplingParams)[f.name])
+       for f in dataclasses.fields(SamplingParams)},
+)
+
+
+def _check_text(text: str, field: str = "") -> None:
+    """Text must survive the trip through UTF-8 and a PostgreSQL text column.
+    `field`: the path to name when the caller's own location does not."""
+    if "\x00" in text:
+        raise _BrokenRule(field, "contains a NUL character, which cannot be stored")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise _BrokenRule(field, f"contains a lone surrogate ({text[exc.start]!r} at "
+                                 f"character {exc.start})") from None
 
 
 class JobRequest(BaseModel):
@@ -54,45 +95,61 @@ class JobRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     prompt: str | list[int]
-    params: GenerationParams = GenerationParams()
+    params: GenerationParams = GenerationParams()  # type: ignore[valid-type]
     # Lower runs sooner, as in the engine's scheduler.
     priority: int = Field(0, ge=0, le=9)
     queue: QueueKind = QueueKind.INTERACTIVE
     idempotency_key: str | None = Field(None, min_length=1, max_length=255)
     # Seconds of generation allowed once a worker starts the job; the worker
     # also caps it at its own PAGEDQ_JOB_DEADLINE_S.
-    deadline_s: float | None = Field(None, gt=0)
+    deadline_s: float | None = Field(None, gt=0, allow_inf_nan=False)
     # Wrap the prompt as one user message in the model's chat template.
     chat: bool = False
 
     @field_validator("prompt")
     @classmethod
-    def _non_empty_prompt(cls, prompt: str | list[int]) -> str | list[int]:
+    def _storable_prompt(cls, prompt: str | list[int]) -> str | list[int]:
         if not prompt:
             raise ValueError("the prompt is empty")
-        if isinstance(prompt, list) and min(prompt) < 0:
-            raise ValueError("token ids must not be negative")
-        if isinstance(prompt, str) and "\x00" in prompt:
-            raise ValueError("NUL characters cannot be stored; pass token ids instead")
+        if isinstance(prompt, str):
+            _check_text(prompt)
+        elif not all(0 <= t < 2**31 for t in prompt):
+            raise ValueError("token ids must be in [0, 2**31)")
         return prompt
 
+    @field_validator("idempotency_key")
+    @classmethod
+    def _storable_key(cls, key: str | None) -> str | None:
+        if key is not None:
+            _check_text(key)
+        return key
+
     @model_validator(mode="after")
-    def _text_prompt_for_chat(self) -> Self:
+    def _storable_stops(self) -> Self:
+        for stop in self.params.stop or ():
+            _check_text(stop, "params.stop")
         if self.chat and not isinstance(self.prompt, str):
             raise ValueError("chat needs a text prompt, not token ids")
         return self
 
-
-class InvalidJob(ValueError):
-    """A job was rejected before being stored or enqueued; the message names the fields."""
+    def fingerprint(self) -> str:
+        """What the job computes, hashed: the same prompt, params and chat flag
+        give the same output whatever the queue, priority or deadline."""
+        work = [self.prompt, self.params.model_dump(), self.chat]
+        return hashlib.sha256(json.dumps(work, sort_keys=True).encode()).hexdigest()
 
 
 def describe(exc: ValidationError) -> str:
     """One line per problem, each starting with the dotted field path."""
     lines = []
     for error in exc.errors():
-        field = ".".join(str(part) for part in error["loc"]) or "job"
-        lines.append(f"{field}: {error['msg']}")
+        loc = [str(part) for part in error["loc"]]
+        cause = error.get("ctx", {}).get("error")
+        message = error["msg"]
+        if isinstance(cause, _BrokenRule):
+            loc += [cause.field] if cause.field else []
+            message = str(cause)
+        lines.append(f"{'.'.join(loc) or 'job'}: {message}")
     return "; ".join(lines)
 
 

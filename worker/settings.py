@@ -57,19 +57,27 @@ class Settings(BaseSettings):
     visibility_timeout_s: float = Field(3600.0, gt=0)
     job_deadline_s: float = Field(600.0, gt=0)
     max_attempts: int = Field(3, gt=0)
+    # A claimed job belongs to its worker for this long, renewed while the
+    # worker's engine loop lives; a worker killed with its jobs loses them to
+    # another one about this long (plus a sweep interval) later.
+    lease_s: float = Field(30.0, gt=0)
+    # Size caps a producer enforces before anything is stored.
     max_prompt_chars: int = Field(1_000_000, gt=0)
+    max_prompt_token_ids: int = Field(131_072, gt=0)
+    max_stop: int = Field(64, gt=0)  # stop strings, and stop token ids, per job
     # Redis loses a message for good when its worker dies between taking it
     # and recording it as unacked. Workers therefore publish again the jobs
     # still queued in SQL whose message went out this long ago. None: the
     # visibility timeout, so a lost message comes back when an abandoned one would.
     republish_after_s: float | None = Field(None, gt=0)
-    # How often each worker looks for such jobs; None: a tenth of
-    # republish_after_s, at most a minute.
+    # How often each worker looks for such jobs and for jobs whose lease
+    # expired; None: half the lease, at most a tenth of republish_after_s.
     sweep_interval_s: float | None = Field(None, gt=0)
 
     flower_address: str = "127.0.0.1"
     flower_port: int = Field(5555, ge=0, le=65535)
     flower_user: str = "admin"
+    # None: `pagedq flower` makes up a password for each run and prints it.
     flower_password: SecretStr | None = None
 
     @field_validator("database_url")
@@ -81,6 +89,27 @@ class Settings(BaseSettings):
             if url.startswith(scheme):
                 return "postgresql+psycopg://" + url[len(scheme):]
         return url
+
+    # Flower splits its basic-auth setting at commas into "user:password"
+    # pairs and compares a login as that one string: a comma would let a piece
+    # of the password log in alone, a colon in the user would blur the pair.
+    @field_validator("flower_user")
+    @classmethod
+    def _flower_user_fits_basic_auth(cls, user: str) -> str:
+        if not user or ":" in user or "," in user:
+            raise ValueError("must be non-empty and contain neither ':' nor ','")
+        return user
+
+    @field_validator("flower_password")
+    @classmethod
+    def _flower_password_fits_basic_auth(cls, password: SecretStr | None) -> SecretStr | None:
+        if password is None:
+            return None
+        if not password.get_secret_value():
+            raise ValueError("must not be empty; unset it to get a generated password")
+        if "," in password.get_secret_value():
+            raise ValueError("must not contain ',' (Flower would split the password there)")
+        return password
 
     @model_validator(mode="after")
     def _redelivery_after_deadline(self) -> Settings:
@@ -122,7 +151,7 @@ class Settings(BaseSettings):
     @property
     def sweep_interval(self) -> float:
         """Seconds between two looks of a worker for jobs due a re-publish."""
-        return self.sweep_interval_s or min(60.0, self.republish_after / 10)
+        return self.sweep_interval_s or min(self.lease_s / 2, self.republish_after / 10)
 
 
 def load_settings(**overrides: Any) -> Settings:

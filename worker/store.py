@@ -4,21 +4,24 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, delete, select, update
+from sqlalchemy import ColumnElement, Engine, and_, delete, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, selectinload
 
 from worker.db import make_engine, make_sessionmaker
 from worker.models import Job, JobStatus, Metrics, Output, utcnow
 from worker.records import Claim, ClaimOutcome, Completion, JobMetrics, JobRecord, JobSpec
-from worker.schemas import JobRequest, QueueKind
+from worker.schemas import IdempotencyConflict, JobRequest, QueueKind
 
 # Rows per INSERT when a bulk job submits many documents at once.
 INSERT_CHUNK = 500
+# Ids per SELECT ... IN: well under PostgreSQL's 65,535 bind parameters.
+SELECT_CHUNK = 10_000
+FINISHED = [status for status in JobStatus if status.finished]
 
 
 @dataclass(slots=True)
@@ -45,46 +48,56 @@ class JobStore:
     # -- producer side ---------------------------------------------------
 
     def create(self, requests: Sequence[JobRequest], *, published: bool = True) -> list[Submission]:
-        """Insert one queued row per request; a live or succeeded job with the
-        same idempotency key is returned instead of a new one.
+        """Insert one queued row per request, all or none; a live or succeeded job
+        with the same idempotency key and the same work is returned instead of a
+        new one, and one with other work raises IdempotencyConflict.
 
         `published`: the caller sends each new job's message right after, so the
         row says it went out now; a producer that dies in between leaves a job
         that the sweep publishes later. False: the caller runs the jobs itself."""
+        now = utcnow()
         submissions: list[Submission] = []
-        for start in range(0, len(requests), INSERT_CHUNK):
-            submissions += self._create_chunk(requests[start:start + INSERT_CHUNK], published)
+        with self._session() as session, session.begin():
+            for start in range(0, len(requests), INSERT_CHUNK):
+                chunk = requests[start:start + INSERT_CHUNK]
+                submissions += self._create_chunk(session, chunk, now, published)
         return submissions
 
-    def _create_chunk(self, requests: Sequence[JobRequest], published: bool) -> list[Submission]:
-        now = utcnow()
+    def _create_chunk(self, session: Session, requests: Sequence[JobRequest], now: datetime,
+                      published: bool) -> list[Submission]:
         rows = [_new_row(request, now, published) for request in requests]
         keys = [row["idempotency_key"] for row in rows if row["idempotency_key"]]
-        with self._session() as session, session.begin():
-            if keys:
-                # A failed or cancelled job gives its key up, so that resubmitting
-                # the same work (a re-run of a bulk job) tries it again.
-                session.execute(
-                    update(Job)
-                    .where(Job.idempotency_key.in_(keys),
-                           Job.status.in_([JobStatus.FAILED, JobStatus.CANCELLED]))
-                    .values(idempotency_key=None)
-                    .execution_options(synchronize_session=False)
-                )
-            postgres = self.engine.dialect.name == "postgresql"
-            insert = postgresql.insert if postgres else sqlite.insert
-            inserted = set(session.scalars(
-                insert(Job).values(rows).on_conflict_do_nothing().returning(Job.id)
-            ))
-            existing: dict[str, str] = {}
-            lost = [row["idempotency_key"] for row in rows if row["id"] not in inserted]
-            if lost:
-                existing = {key: job_id for key, job_id in session.execute(
-                    select(Job.idempotency_key, Job.id).where(Job.idempotency_key.in_(lost))
-                )}
+        if keys:
+            # A failed or cancelled job gives its key up, so that resubmitting
+            # the same work (a re-run of a bulk job) tries it again.
+            session.execute(
+                update(Job)
+                .where(Job.idempotency_key.in_(keys),
+                       Job.status.in_([JobStatus.FAILED, JobStatus.CANCELLED]))
+                .values(idempotency_key=None)
+                .execution_options(synchronize_session=False)
+            )
+        postgres = self.engine.dialect.name == "postgresql"
+        insert = postgresql.insert if postgres else sqlite.insert
+        inserted = set(session.scalars(
+            insert(Job).values(rows).on_conflict_do_nothing().returning(Job.id)
+        ))
+        lost = [row for row in rows if row["id"] not in inserted]
+        existing: dict[str, tuple[str, str | None]] = {}
+        if lost:
+            existing = {key: (job_id, fingerprint) for key, job_id, fingerprint in session.execute(
+                select(Job.idempotency_key, Job.id, Job.fingerprint)
+                .where(Job.idempotency_key.in_([row["idempotency_key"] for row in lost]))
+            )}
+        for row in lost:
+            _, fingerprint = existing[row["idempotency_key"]]
+            if fingerprint is not None and fingerprint != row["fingerprint"]:
+                raise IdempotencyConflict(
+                    f"idempotency_key: {row['idempotency_key']!r} already names a job with "
+                    "another prompt, params or chat flag")
         return [
             Submission(row["id"], True) if row["id"] in inserted
-            else Submission(existing[row["idempotency_key"]], False)
+            else Submission(existing[row["idempotency_key"]][0], False)
             for row in rows
         ]
 
@@ -99,13 +112,17 @@ class JobStore:
         return records[0] if records else None
 
     def get_many(self, job_ids: Iterable[str], finished_only: bool = False) -> list[JobRecord]:
-        query = (select(Job).where(Job.id.in_(list(job_ids)))
-                 .options(selectinload(Job.outputs), selectinload(Job.metrics)))
-        if finished_only:
-            query = query.where(Job.status.in_(
-                [JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED]))
+        ids = list(job_ids)
+        records: list[JobRecord] = []
         with self._session() as session, session.begin():
-            return [JobRecord.from_row(job) for job in session.scalars(query)]
+            # PostgreSQL takes at most 65,535 bind parameters in one statement.
+            for start in range(0, len(ids), SELECT_CHUNK):
+                query = (select(Job).where(Job.id.in_(ids[start:start + SELECT_CHUNK]))
+                         .options(selectinload(Job.outputs), selectinload(Job.metrics)))
+                if finished_only:
+                    query = query.where(Job.status.in_(FINISHED))
+                records += (JobRecord.from_row(job) for job in session.scalars(query))
+        return records
 
     def request_cancel(self, job_id: str) -> JobStatus | None:
         """Cancel a queued job at once; flag a running one for its worker to abort.
@@ -126,20 +143,23 @@ class JobStore:
 
     # -- worker side -----------------------------------------------------
 
-    def claim(self, job_id: str, worker: str, max_attempts: int) -> Claim:
-        """Take a job for one attempt. The conditional update lets exactly one of
-        several deliveries of the same message win; a job left running by a dead
-        worker is claimed again, with the attempt counter as the fencing token."""
+    def claim(self, job_id: str, worker: str, max_attempts: int, lease_s: float) -> Claim:
+        """Take a job for one attempt, under a fresh lease of `lease_s` seconds.
+
+        A queued job, or a running one whose lease expired (its worker died or
+        froze), is taken: exactly one of several deliveries wins the conditional
+        update. A running job with a live lease is left alone (BUSY): the
+        delivery is a duplicate and costs the job nothing."""
         now = utcnow()
+        lease_id = uuid.uuid4().hex
         with self._session() as session, session.begin():
             attempt = session.scalar(
                 update(Job)
-                .where(Job.id == job_id,
-                       Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING]),
-                       Job.cancel_requested.is_(False),
-                       Job.attempts < max_attempts)
+                .where(Job.id == job_id, Job.cancel_requested.is_(False),
+                       Job.attempts < max_attempts, _takeable(now))
                 .values(status=JobStatus.RUNNING, attempts=Job.attempts + 1, worker=worker,
-                        started_at=now, updated_at=now)
+                        started_at=now, updated_at=now, lease_id=lease_id,
+                        lease_expires_at=now + timedelta(seconds=lease_s))
                 .returning(Job.attempts)
                 .execution_options(synchronize_session=False)
             )
@@ -150,11 +170,14 @@ class JobStore:
                 prompt = job.prompt_text if job.prompt_text is not None else job.prompt_token_ids
                 assert prompt is not None
                 return Claim(ClaimOutcome.CLAIMED, JobSpec(
-                    job.id, attempt, prompt, dict(job.params), job.priority, job.chat,
+                    job.id, attempt, lease_id, prompt, dict(job.params), job.priority, job.chat,
                     job.deadline_s, job.created_at))
             if job.status.finished:
                 return Claim(ClaimOutcome.FINISHED)
+            if job.status is JobStatus.RUNNING and not _expired(job.lease_expires_at, now):
+                return Claim(ClaimOutcome.BUSY)
             job.finished_at = now
+            job.lease_id = job.lease_expires_at = None
             if job.cancel_requested:
                 job.status = JobStatus.CANCELLED
                 return Claim(ClaimOutcome.CANCELLED)
@@ -162,17 +185,52 @@ class JobStore:
             job.error = f"gave up after {job.attempts} attempts"
             return Claim(ClaimOutcome.EXHAUSTED)
 
-    def finish(self, job_id: str, attempt: int, status: JobStatus, *, error: str | None = None,
+    def renew(self, lease_ids: Sequence[str], lease_s: float) -> set[str]:
+        """Extend these leases by `lease_s` from now, in one statement; returns the
+        lease ids that are no longer held (their job was taken over or ended)."""
+        if not lease_ids:
+            return set()
+        now = utcnow()
+        with self._session() as session, session.begin():
+            held = set(session.scalars(
+                update(Job)
+                .where(Job.lease_id.in_(lease_ids), Job.status == JobStatus.RUNNING)
+                .values(lease_expires_at=now + timedelta(seconds=lease_s))
+                .returning(Job.lease_id)
+                .execution_options(synchronize_session=False)
+            ))
+        return set(lease_ids) - held
+
+    def release(self, job_id: str, lease_id: str) -> bool:
+        """Give a claimed job back to the queue without charging the attempt: it
+        was cut short by the machinery (the engine, the database), not by itself.
+        The caller publishes it again, or the sweep does. False: not held anymore."""
+        now = utcnow()
+        with self._session() as session, session.begin():
+            return session.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.lease_id == lease_id,
+                       Job.status == JobStatus.RUNNING)
+                .values(status=JobStatus.QUEUED, attempts=Job.attempts - 1, worker=None,
+                        lease_id=None, lease_expires_at=None, updated_at=now,
+                        published_at=now)
+                .execution_options(synchronize_session=False)
+            ).rowcount == 1
+
+    def finish(self, job_id: str, lease_id: str, status: JobStatus, *, error: str | None = None,
                outputs: Sequence[Completion] = (), metrics: JobMetrics | None = None) -> bool:
         """Record the end of an attempt in one transaction: the status, every
-        output and the metrics, or nothing at all when another attempt has taken
-        the job over since (returns False then)."""
+        output and the metrics, or nothing at all when the attempt's lease is no
+        longer the job's (returns False then): a worker that froze past its
+        lease cannot write over the attempt that took the job over."""
         now = utcnow()
         with self._session() as session, session.begin():
             won = session.execute(
                 update(Job)
-                .where(Job.id == job_id, Job.status == JobStatus.RUNNING, Job.attempts == attempt)
-                .values(status=status, error=error, finished_at=now, updated_at=now)
+                .where(Job.id == job_id, Job.lease_id == lease_id,
+                       Job.status == JobStatus.RUNNING)
+                .values(status=status, error=error, finished_at=now, updated_at=now,
+                        lease_id=None, lease_expires_at=None)
                 .execution_options(synchronize_session=False)
             ).rowcount
             if won != 1:
@@ -185,30 +243,25 @@ class JobStore:
                 for o in outputs
             )
             if metrics is not None:
-                session.add(Metrics(
-                    job_id=job_id, attempt=attempt, worker=metrics.worker,
-                    queue_time_s=metrics.queue_time_s, ttft_s=metrics.ttft_s,
-                    tpot_s=metrics.tpot_s, e2e_s=metrics.e2e_s,
-                    prompt_tokens=metrics.prompt_tokens,
-                    generated_tokens=metrics.generated_tokens,
-                    cached_tokens=metrics.cached_tokens, preemptions=metrics.preemptions,
-                    swapped_out_blocks=metrics.swapped_out_blocks,
-                    swapped_in_blocks=metrics.swapped_in_blocks,
-                ))
+                session.add(Metrics(job_id=job_id, **asdict(metrics)))
         return True
 
     # -- sweep for lost messages -------------------------------------------
 
     def claim_republish(self, older_than_s: float, limit: int) -> list[tuple[str, QueueKind]]:
-        """Take up to `limit` queued jobs whose message went out over `older_than_s`
-        ago, oldest first, and mark them published now: concurrent sweeps never
-        both take a job, and a job is taken again only once `older_than_s` has
-        passed anew. Returns each job's id and queue, for the caller to publish."""
+        """Take up to `limit` jobs whose message may be lost, oldest first: queued
+        jobs whose message went out over `older_than_s` ago, and running jobs
+        whose lease expired (their worker died). Each is marked queued and
+        published now: concurrent sweeps never both take a job, and a job is
+        taken again only once `older_than_s` has passed anew. Returns each job's
+        id and queue, for the caller to publish."""
         now = utcnow()
+        lost_message = and_(Job.status == JobStatus.QUEUED,
+                            Job.published_at < now - timedelta(seconds=older_than_s))
+        lost_worker = and_(Job.status == JobStatus.RUNNING, _expired_lease(now))
         due = (
             select(Job.id, Job.queue)
-            .where(Job.status == JobStatus.QUEUED,
-                   Job.published_at < now - timedelta(seconds=older_than_s))
+            .where(or_(lost_message, lost_worker))
             .order_by(Job.published_at)
             .limit(limit)
             # PostgreSQL: rows that another sweep holds are its own to publish.
@@ -218,9 +271,12 @@ class JobStore:
         with self._session() as session, session.begin():
             jobs = [(job_id, QueueKind(queue)) for job_id, queue in session.execute(due)]
             if jobs:
+                # The attempt of a lost worker stays charged: a job that kills its
+                # worker every time must not run forever.
                 session.execute(
                     update(Job).where(Job.id.in_([job_id for job_id, _ in jobs]))
-                    .values(published_at=now)
+                    .values(status=JobStatus.QUEUED, lease_id=None, lease_expires_at=None,
+                            published_at=now)
                     .execution_options(synchronize_session=False)
                 )
         return jobs
@@ -234,6 +290,20 @@ class JobStore:
                 .values(published_at=Job.created_at)
                 .execution_options(synchronize_session=False)
             )
+
+
+def _expired_lease(now: datetime) -> ColumnElement[bool]:
+    """No lease (a running row from before leases existed), or one gone by."""
+    return or_(Job.lease_expires_at.is_(None), Job.lease_expires_at < now)
+
+
+def _takeable(now: datetime) -> ColumnElement[bool]:
+    return or_(Job.status == JobStatus.QUEUED,
+               and_(Job.status == JobStatus.RUNNING, _expired_lease(now)))
+
+
+def _expired(lease_expires_at: datetime | None, now: datetime) -> bool:
+    return lease_expires_at is None or lease_expires_at < now
 
 
 def _storable(text: str) -> str:
@@ -260,4 +330,5 @@ def _new_row(request: JobRequest, now: datetime, published: bool) -> dict[str, A
         "created_at": now,
         "updated_at": now,
         "published_at": now if published else None,
+        "fingerprint": request.fingerprint(),
     }

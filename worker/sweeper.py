@@ -1,17 +1,16 @@
-"""Publish again the jobs that are queued in SQL but whose message may be gone.
+"""Publish again the jobs whose message or whose worker may be gone.
 
 Redis' acknowledgements are emulated: a worker killed after popping a message
-but before recording it in the unacked hash loses it for good, and nothing in
-the broker brings it back. The row in SQL is the truth, so every worker
-periodically takes the jobs still queued long after their last publish and
-publishes them again.
+but before recording it in the unacked hash loses it for good, and a worker
+killed while running jobs leaves their messages unacked until the visibility
+timeout (an hour by default). The row in SQL is the truth, so every worker
+periodically takes the jobs still queued long after their last publish, and
+the running jobs whose lease has expired, and publishes them again.
 
 The extra message this makes when the first one was not lost after all (it sat
-in a long backlog) is safe: the conditional claim and the attempt that fences
-each result keep one set of outputs per job, and a delivery after the job has
-finished does nothing. Only a copy delivered while the job runs costs work: it
-takes the job over as a new attempt. Hence a threshold of the visibility
-timeout by default, and at most one re-publish per job per threshold.
+in a long backlog) is safe: a delivery for a job that a live lease holds, or
+that has finished, is dropped without running anything, and the lease that
+fences each result keeps one set of outputs per job.
 """
 
 from __future__ import annotations
@@ -52,8 +51,8 @@ class Sweeper:
             log.warning("%s; the next sweep tries again", exc)
         sent = [job_id for job_id, _ in jobs if job_id not in unsent]
         for job_id in sent:
-            log.info("job %s re-published: still queued %g s after its last publish, "
-                     "its message may be lost", job_id, threshold)
+            log.info("job %s re-published: its lease expired, or it was still queued %g s "
+                     "after its last publish", job_id, threshold)
         return sent
 
     def sweep_in_background(self) -> None:

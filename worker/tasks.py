@@ -6,6 +6,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from celery import Task
+from celery.exceptions import Reject
 
 from worker.executor import is_retryable
 from worker.models import JobStatus
@@ -39,7 +40,22 @@ def register_tasks(app: PagedqCelery) -> None:
                 raise
             countdown = min(RETRY_MAX_S, RETRY_BASE_S * 2 ** self.request.retries)
             log.warning("job %s: %r; retrying in %.1f s", job_id, exc, countdown)
-            raise self.retry(exc=exc, countdown=countdown) from exc
+            try:
+                raise self.retry(exc=exc, countdown=countdown) from exc
+            except Reject:
+                # The retry could not be published: Celery drops this message, so
+                # make the job due at the next sweep instead of losing it.
+                _due_for_sweep(app, job_id)
+                raise
         if outcome.status is JobStatus.FAILED and outcome.recorded:
             raise JobFailed(outcome.error)
         return outcome.status.value if outcome.status else outcome.claim.value
+
+
+def _due_for_sweep(app: PagedqCelery, job_id: str) -> None:
+    assert app.runner is not None
+    try:
+        app.runner.store.release_republish([job_id])
+    except Exception as exc:
+        log.warning("job %s: could not mark it for the sweep (%r); it is published again "
+                    "after PAGEDQ_REPUBLISH_AFTER_S", job_id, exc)

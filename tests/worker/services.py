@@ -71,14 +71,16 @@ def free_port() -> int:
 class WorkerProcess:
     """`pagedq worker` in a subprocess, with its log in a file."""
 
-    def __init__(self, fields: dict[str, Any], log_dir: Path, name: str) -> None:
+    def __init__(self, fields: dict[str, Any], log_dir: Path, name: str,
+                 extra_env: dict[str, str] | None = None) -> None:
         self.fields = fields
+        self.extra_env = extra_env or {}
         self.hostname = f"{name}-{uuid.uuid4().hex[:6]}@test"
         self.log_path = log_dir / f"{name}.log"
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self, client: Client, timeout: float = 90.0) -> WorkerProcess:
-        env = {**os.environ, **as_env(self.fields)}
+        env = {**os.environ, **as_env(self.fields), **self.extra_env}
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "worker.cli", "worker", f"--hostname={self.hostname}",

@@ -13,10 +13,10 @@ GOOD = [{"id": f"doc-{i}", "text": f"Document number {i} talks about topic {i}."
 
 
 def write_docs(path, extra_lines=()):
-    lines = [json.dumps(doc) for doc in GOOD[:3]]
-    lines += list(extra_lines)
-    lines += [json.dumps(doc) for doc in GOOD[3:]]
-    path.write_text("\n".join(lines) + "\n")
+    lines = [json.dumps(doc).encode() for doc in GOOD[:3]]
+    lines += [line if isinstance(line, bytes) else line.encode() for line in extra_lines]
+    lines += [json.dumps(doc).encode() for doc in GOOD[3:]]
+    path.write_bytes(b"\n".join(lines) + b"\n")
     return path
 
 
@@ -26,6 +26,10 @@ BAD_LINES = [
     json.dumps({"id": "x1", "text": "bad sampling", "max_tokens": 0}),
     json.dumps({"id": "x2"}),
     json.dumps({"id": "doc-0", "text": "duplicate id"}),
+    b'{"id": "x3", "text": "caf\xe9"}',
+    '{"id": "x4", "text": "t", "temperature": NaN}',
+    '{"id": "x5", "text": "\\ud800"}',
+    '{"id": "x6", "text": "t", "max_token": 5}',
 ]
 
 
@@ -34,9 +38,11 @@ def test_read_documents_reports_bad_lines_by_number(tmp_path):
     items = list(read_documents(docs, JobOptions(template="Summarize: {text}",
                                                  defaults={"max_tokens": 5})))
     bad = [item for item in items if isinstance(item, BadLine)]
-    assert [b.line for b in bad] == [4, 5, 6, 7, 8]
+    assert [b.line for b in bad] == [4, 5, 6, 7, 8, 9, 10, 11, 12]
     assert "not JSON" in bad[0].message and "id" in bad[1].message
     assert "max_tokens" in bad[2].message and "duplicate" in bad[4].message
+    assert "not UTF-8" in bad[5].message and "NaN" in bad[6].message
+    assert "surrogate" in bad[7].message and "'max_token'" in bad[8].message
     good = [item for item in items if not isinstance(item, BadLine)]
     assert [d.id for d in good] == [doc["id"] for doc in GOOD]
     assert good[0].request.prompt == "Summarize: " + GOOD[0]["text"]
@@ -74,8 +80,10 @@ def test_run_in_process_resumes(tmp_path, tiny_llama_dir, monkeypatch, capsys):
     assert sorted(line["id"] for line in first) == sorted(doc["id"] for doc in GOOD)
     check_lines(first)
     captured = capsys.readouterr()
-    assert "line 4" in captured.err and "line 8" in captured.err
+    assert "line 4" in captured.err and "line 12: unknown field 'max_token'" in captured.err
+    assert "Traceback" not in captured.err
     assert "requests          6 (6 succeeded, 0 failed)" in captured.out
+    assert "skipped lines     9" in captured.out
     assert "tokens/s" in captured.out and "mean TTFT" in captured.out
 
     # A crash lost the last two lines: the re-run writes them again from SQL,

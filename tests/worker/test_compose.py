@@ -1,6 +1,7 @@
 """compose.yaml parses and wires the five services as the design says."""
 
 import os
+import re
 import shutil
 import subprocess
 
@@ -10,6 +11,12 @@ import yaml
 from tests.worker.services import REPO
 
 COMPOSE = REPO / "compose.yaml"
+PASSWORDS = ("REDIS_PASSWORD", "POSTGRES_PASSWORD", "FLOWER_PASSWORD")
+
+
+def required(variable: str) -> re.Pattern[str]:
+    """`${VARIABLE:?message}`: compose stops when the variable is unset or empty."""
+    return re.compile(rf"\$\{{{variable}:\?[^}}]+\}}")
 
 
 @pytest.fixture(scope="module")
@@ -42,10 +49,46 @@ def test_worker_and_flower_share_the_settings(compose):
     assert worker["PAGEDQ_DATABASE_URL"].startswith("postgresql+psycopg://")
 
 
-def test_flower_is_published_on_loopback_only_with_a_password(compose):
-    flower = compose["services"]["flower"]
-    assert all(port.startswith("127.0.0.1:") for port in flower["ports"])
-    assert "FLOWER_PASSWORD" in flower["environment"]["PAGEDQ_FLOWER_PASSWORD"]
+def test_only_flower_publishes_a_port_on_loopback_with_a_password(compose):
+    services = compose["services"]
+    assert [name for name, service in services.items() if "ports" in service] == ["flower"]
+    flower = services["flower"]
+    assert flower["ports"] and all(port.startswith("127.0.0.1:") for port in flower["ports"])
+    assert required("FLOWER_PASSWORD").fullmatch(flower["environment"]["PAGEDQ_FLOWER_PASSWORD"])
+
+
+def test_redis_requires_a_password_its_clients_use(compose):
+    redis = compose["services"]["redis"]
+    command = redis["command"]
+    assert required("REDIS_PASSWORD").fullmatch(command[command.index("--requirepass") + 1])
+    # The healthcheck logs in (redis-cli reads REDISCLI_AUTH) and wants a PONG,
+    # since redis-cli exits 0 on a NOAUTH error too.
+    assert required("REDIS_PASSWORD").fullmatch(redis["environment"]["REDISCLI_AUTH"])
+    assert "redis-cli ping" in redis["healthcheck"]["test"][1]
+    assert "grep -q PONG" in redis["healthcheck"]["test"][1]
+    broker = compose["services"]["worker"]["environment"]["PAGEDQ_BROKER_URL"]
+    assert re.fullmatch(rf"redis://:{required('REDIS_PASSWORD').pattern}@redis:6379/\d+", broker)
+
+
+def test_postgres_requires_a_password_its_clients_use(compose):
+    postgres = compose["services"]["postgres"]
+    assert required("POSTGRES_PASSWORD").fullmatch(postgres["environment"]["POSTGRES_PASSWORD"])
+    url = compose["services"]["migrate"]["environment"]["PAGEDQ_DATABASE_URL"]
+    assert required("POSTGRES_PASSWORD").search(url)
+
+
+def test_no_password_has_a_default():
+    # ${VAR:-default} or ${VAR-default} would start the stack with a known password.
+    for variable in PASSWORDS:
+        uses = re.findall(rf"\$\{{{variable}[^}}]*\}}", COMPOSE.read_text())
+        assert uses, variable
+        assert all(required(variable).fullmatch(use) for use in uses), uses
+
+
+def test_the_worker_healthcheck_keeps_the_broker_password_out_of_argv(compose):
+    check = compose["services"]["worker"]["healthcheck"]["test"][1]
+    assert "-b " not in check and "--broker" not in check
+    assert 'BROKER_URL="$$PAGEDQ_BROKER_URL" celery' in check
 
 
 def _compose_cli() -> bool:
@@ -57,7 +100,7 @@ def _compose_cli() -> bool:
 
 @pytest.mark.skipif(not _compose_cli(), reason="docker compose is not installed")
 def test_docker_compose_config():
-    env = {**os.environ, "FLOWER_PASSWORD": "test"}
+    env = {**os.environ, **{variable: "test" for variable in PASSWORDS}}
     result = subprocess.run(["docker", "compose", "-f", str(COMPOSE), "config", "--quiet"],
                             capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stderr

@@ -45,12 +45,13 @@ def test_visibility_timeout_must_outlast_the_deadline(monkeypatch):
         load_settings()
 
 
-def test_sweep_defaults_follow_the_visibility_timeout(monkeypatch):
-    for name in ("PAGEDQ_REPUBLISH_AFTER_S", "PAGEDQ_SWEEP_INTERVAL_S"):
+def test_sweep_defaults_follow_the_lease_and_the_visibility_timeout(monkeypatch):
+    for name in ("PAGEDQ_REPUBLISH_AFTER_S", "PAGEDQ_SWEEP_INTERVAL_S", "PAGEDQ_LEASE_S"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("PAGEDQ_VISIBILITY_TIMEOUT_S", "900")
     settings = load_settings()
-    assert (settings.republish_after, settings.sweep_interval) == (900, 60)
+    # A killed worker's jobs restart within lease + sweep interval: under a minute.
+    assert (settings.lease_s, settings.republish_after, settings.sweep_interval) == (30, 900, 15)
     monkeypatch.setenv("PAGEDQ_REPUBLISH_AFTER_S", "120")
     settings = load_settings()
     assert (settings.republish_after, settings.sweep_interval) == (120, 12)
