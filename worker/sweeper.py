@@ -39,7 +39,7 @@ class Sweeper:
 
     def sweep(self) -> list[str]:
         """Publish again one batch of jobs that are due; returns the ids sent."""
-        threshold = self.app.settings.republish_after
+        threshold = self.app.settings.republish_after_s
         jobs = self.store.claim_republish(threshold, SWEEP_BATCH)
         unsent: set[str] = set()
         try:

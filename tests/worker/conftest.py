@@ -2,11 +2,12 @@
 
 PAGEDQ_TEST_REDIS_URL and PAGEDQ_TEST_POSTGRES_URL point at the servers
 (defaults: Redis db 13 and database `test` on loopback); a test that needs
-one that is not running is skipped.
+one that is not running is skipped, or fails when CI=true.
 """
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,12 +22,20 @@ from worker.migrate import run_alembic
 from worker.store import JobStore
 
 
+def _missing(why: str) -> None:
+    """Skip on a developer's machine without the servers; fail under CI, so that a
+    green CI run always means the worker suite ran."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{why} (CI=true: the worker suite must run)")
+    pytest.skip(why)
+
+
 @pytest.fixture(scope="session")
 def redis_url() -> str:
     try:
         redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2).ping()
     except redis.RedisError as exc:
-        pytest.skip(f"Redis not reachable at {REDIS_URL}: {exc}")
+        _missing(f"Redis not reachable at {REDIS_URL}: {exc}")
     return REDIS_URL
 
 
@@ -40,7 +49,7 @@ def new_pg_database() -> Iterator[Callable[[], str]]:
     try:
         admin = psycopg.connect(_libpq(POSTGRES_URL), autocommit=True, connect_timeout=3)
     except psycopg.OperationalError as exc:
-        pytest.skip(f"PostgreSQL not reachable at {POSTGRES_URL}: {exc}")
+        _missing(f"PostgreSQL not reachable at {POSTGRES_URL}: {exc}")
     made: list[str] = []
 
     def make() -> str:

@@ -8,7 +8,7 @@ from tests.worker.services import engine_fields, free_port, purge_queues
 from worker.client import BrokerUnavailable, Client
 from worker.migrate import run_alembic
 from worker.models import Job
-from worker.schemas import InvalidJob
+from worker.schemas import IdempotencyConflict, InvalidJob
 from worker.settings import load_settings
 
 
@@ -78,3 +78,60 @@ def test_redis_down_at_submit_leaves_no_orphan(sqlite_url, tiny_llama_dir):
         with pytest.raises(BrokerUnavailable):
             down.submit_many([{"prompt": f"doc {i}"} for i in range(3)])
         assert job_count(down) == 0
+
+
+@pytest.fixture
+def pg_client(redis_url, new_pg_database, tiny_llama_dir):
+    """On PostgreSQL, whose types reject what SQLite would store."""
+    url = new_pg_database()
+    run_alembic(url)
+    with Client(load_settings(**engine_fields(tiny_llama_dir, database_url=url,
+                                              max_prompt_token_ids=64, max_stop=4))) as c:
+        yield c
+        purge_queues(c)
+
+
+@pytest.mark.parametrize(("kwargs", "field"), [
+    ({"prompt": "x", "params": {"temperature": float("inf")}}, "params.temperature"),
+    ({"prompt": "x", "params": {"top_p": float("nan")}}, "params.top_p"),
+    ({"prompt": "x", "params": {"n": 2, "temperature": 0}}, "params.n"),
+    ({"prompt": "x", "params": {"seed": 2**70}}, "params.seed"),
+    ({"prompt": "x", "params": {"logprobs": 10**6}}, "params.logprobs"),
+    ({"prompt": "x", "params": {"max_token": 5}}, "params.max_token"),
+    ({"prompt": "x", "params": {"stop": ["ok", "\ud800"]}}, "params.stop"),
+    ({"prompt": "x", "params": {"stop": ["nul\x00"]}}, "params.stop"),
+    ({"prompt": "x", "params": {"stop": ["a", "b", "c", "d", "e"]}}, "PAGEDQ_MAX_STOP"),
+    ({"prompt": "x", "params": {"stop_token_ids": list(range(5))}}, "PAGEDQ_MAX_STOP"),
+    ({"prompt": list(range(65))}, "PAGEDQ_MAX_PROMPT_TOKEN_IDS"),
+    ({"prompt": [2**40]}, "prompt"),
+    ({"prompt": "lone \udfff surrogate"}, "prompt"),
+    ({"prompt": "x", "idempotency_key": "key-\ud800"}, "idempotency_key"),
+    ({"prompt": "x", "idempotency_key": "key-\x00"}, "idempotency_key"),
+    ({"prompt": "x", "deadline_s": float("inf")}, "deadline_s"),
+])
+def test_what_the_worker_or_database_would_refuse_is_refused_at_submit(pg_client, kwargs,
+                                                                        field):
+    with pytest.raises(InvalidJob, match=field.replace(".", r"\.")):
+        pg_client.submit(**kwargs)
+    assert job_count(pg_client) == 0
+    assert queue_length(pg_client) == 0
+
+
+def test_a_reused_idempotency_key_with_other_work_is_a_conflict(pg_client):
+    first = pg_client.submit("summarise this", idempotency_key="doc-7")
+    assert pg_client.submit("summarise this", idempotency_key="doc-7") == first
+    with pytest.raises(IdempotencyConflict, match="'doc-7'"):
+        pg_client.submit("summarise that", idempotency_key="doc-7")
+    assert job_count(pg_client) == 1 and queue_length(pg_client) == 1
+
+
+def test_submit_many_is_all_or_nothing(pg_client):
+    jobs = [{"prompt": f"doc {i}"} for i in range(700)]
+    jobs[600] = {"prompt": "doc 600", "params": {"temperature": float("inf")}}
+    with pytest.raises(InvalidJob, match=r"job 600: params\.temperature"):
+        pg_client.submit_many(jobs)
+    pg_client.submit("taken", idempotency_key="k")
+    jobs[600] = {"prompt": "other work", "idempotency_key": "k"}
+    with pytest.raises(IdempotencyConflict):
+        pg_client.submit_many(jobs)  # found in the database, past the first insert chunk
+    assert job_count(pg_client) == 1 and queue_length(pg_client) == 1
