@@ -32,6 +32,17 @@ class Candidate:
 
 
 @dataclass(slots=True)
+class BeamStep:
+    """One beam step's outcome, computed without touching the state, so a step can be
+    computed again (or dropped) before it is applied."""
+
+    beams: list[Candidate]       # the next beams; empty once the search is done
+    finished: list[Hypothesis]
+    improvement_possible: bool
+    done: bool
+
+
+@dataclass(slots=True)
 class BeamState:
     params: BeamSearchParams
     stop_token_ids: set[int]
@@ -39,13 +50,9 @@ class BeamState:
     improvement_possible: bool = True
     done: bool = False
 
-    @property
-    def pool_full(self) -> bool:
-        return len(self.finished) >= self.params.beam_width
-
     def step(self, logits: torch.Tensor, cumulative: list[float], outputs: list[list[int]],
-             at_length_limit: bool) -> list[Candidate]:
-        """One beam step for beams with `logits` [num_beams, vocab]; returns the next beams.
+             at_length_limit: bool) -> BeamStep:
+        """One beam step for beams with `logits` [num_beams, vocab]; changes nothing.
 
         `outputs` are the beams' generated tokens so far; `at_length_limit` means the
         token chosen now is the last one allowed.
@@ -60,28 +67,40 @@ class BeamState:
                       for v, i in zip(values.tolist(), indices.tolist(), strict=True)]
         num_generated = len(outputs[0]) + 1
         ends = [at_length_limit or c.token_id in self.stop_token_ids for c in candidates]
-        self._collect_finished(candidates[:width], ends[:width], outputs, num_generated)
+        finished = self._collect_finished(candidates[:width], ends[:width], outputs,
+                                          num_generated)
         running = [c for c, end in zip(candidates, ends, strict=True) if not end][:width]
-        self._update_done(running, num_generated, all(ends))
-        return [] if self.done else running
+        improvement = self._improvement_possible(running, num_generated, finished)
+        done = (all(ends) or not running or not improvement
+                or (len(finished) >= width and self.params.early_stopping))
+        return BeamStep([] if done else running, finished, improvement, done)
+
+    def apply(self, step: BeamStep) -> None:
+        self.finished = step.finished
+        self.improvement_possible = step.improvement_possible
+        self.done = step.done
 
     def _collect_finished(self, candidates: list[Candidate], ends: list[bool],
-                          outputs: list[list[int]], num_generated: int) -> None:
-        if not self.improvement_possible or (self.pool_full and self.params.early_stopping):
-            return
+                          outputs: list[list[int]], num_generated: int) -> list[Hypothesis]:
+        """The finished pool after this step's ending candidates compete for it."""
+        width = self.params.beam_width
+        if not self.improvement_possible or (len(self.finished) >= width
+                                             and self.params.early_stopping):
+            return self.finished
+        finished = list(self.finished)
         for cand, end in zip(candidates, ends, strict=True):
             if end:
                 score = cand.cumulative_logprob / num_generated**self.params.length_penalty
                 tokens = [*outputs[cand.parent], cand.token_id]
                 stopped = cand.token_id in self.stop_token_ids
-                self.finished.append(Hypothesis(tokens, cand.cumulative_logprob, score, stopped))
+                finished.append(Hypothesis(tokens, cand.cumulative_logprob, score, stopped))
         # Stable sort: on equal scores the earlier hypothesis stays ahead, as in Transformers.
-        self.finished.sort(key=lambda h: -h.score)
-        del self.finished[self.params.beam_width:]
+        finished.sort(key=lambda h: -h.score)
+        return finished[:width]
 
-    def _update_done(self, running: list[Candidate], num_generated: int, all_end: bool) -> None:
-        if self.pool_full and running:
-            best = running[0].cumulative_logprob / num_generated**self.params.length_penalty
-            self.improvement_possible &= best > self.finished[-1].score
-        self.done = (all_end or not running or not self.improvement_possible
-                     or (self.pool_full and self.params.early_stopping))
+    def _improvement_possible(self, running: list[Candidate], num_generated: int,
+                              finished: list[Hypothesis]) -> bool:
+        if len(finished) < self.params.beam_width or not running:
+            return self.improvement_possible
+        best = running[0].cumulative_logprob / num_generated**self.params.length_penalty
+        return self.improvement_possible and best > finished[-1].score

@@ -6,7 +6,7 @@ mapping for the cache engine to execute.
 """
 
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from engine.sequence import Sequence, SequenceGroup, SequenceStatus
@@ -243,6 +243,13 @@ class BlockManager:
                 continue
             self._by_hash[block_hash] = block
             self._cached[block] = CachedBlock(block_hash, parent, chunk)
+
+    def uncache(self, blocks: Iterable[int]) -> None:
+        """Drop `blocks` from the prefix cache (their KV was never written, or is wrong)."""
+        for block in blocks:
+            cached = self._cached.pop(block, None)
+            if cached is not None:
+                del self._by_hash[cached.block_hash]
 
     @staticmethod
     def hash_block(parent_hash: int | None, tokens: tuple[int, ...]) -> int:

@@ -3,8 +3,9 @@
 from tqdm import tqdm
 
 from engine.config import EngineConfig
-from engine.llm_engine import LLMEngine, Prompt
+from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutput
+from engine.request_checks import Prompt
 from engine.sampling_params import BeamSearchParams, SamplingParams
 
 
@@ -36,12 +37,11 @@ class LLM:
         return self._run(prompts, [params] * len(prompts), use_tqdm)
 
     def _run(self, prompts: list[Prompt], params: list, use_tqdm: bool) -> list[RequestOutput]:
-        ids = []
-        for prompt, p in zip(prompts, params, strict=True):
-            request_id = f"llm-{self._next_id}"
-            self._next_id += 1
-            self.engine.add_request(request_id, prompt, p)
-            ids.append(request_id)
+        ids = [f"llm-{self._next_id + i}" for i in range(len(prompts))]
+        # All or none: one bad prompt must not leave the others running in the engine.
+        self.engine.add_requests([(request_id, prompt, p, 0) for request_id, prompt, p
+                                  in zip(ids, prompts, params, strict=True)])
+        self._next_id += len(ids)
         done: dict[str, RequestOutput] = {}
         with tqdm(total=len(ids), desc="generate", disable=not use_tqdm) as bar:
             while len(done) < len(ids):

@@ -3,15 +3,13 @@
 Not thread-safe: one thread drives add_request / abort_request / step.
 """
 
-import itertools
 import logging
-import random
 import time
 
 import torch
 
 from engine import detokenizer
-from engine.beam_search import BeamState
+from engine.beam_search import BeamStep
 from engine.block_manager import BlockManager
 from engine.cache_engine import CacheEngine
 from engine.config import CPU_KV_CACHE_GIB, EngineConfig
@@ -25,14 +23,28 @@ from engine.model_loader import (
 )
 from engine.model_runner import ModelRunner
 from engine.outputs import EngineStats, RequestOutput, completions
+from engine.request_checks import Params, Prompt, RequestChecker
 from engine.sampler import Sampler
-from engine.sampling_params import BeamSearchParams, SamplingParams
+from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledSeq, Scheduler
-from engine.sequence import RequestMetrics, Sequence, SequenceGroup, SequenceStatus
+from engine.seq_factory import SequenceFactory
+from engine.sequence import Sequence, SequenceGroup, SequenceStatus
+from engine.step_isolation import (
+    SamplePlan,
+    StepResult,
+    bisect_failures,
+    compute_tokens,
+    concat_parts,
+    entries_of,
+    groups_in_order,
+    lost_blocks,
+    merge,
+    plan_samples,
+)
 
 logger = logging.getLogger(__name__)
 
-Prompt = str | list[int]
+NewRequest = tuple[str, Prompt, Params | None, int]  # request_id, prompt, params, priority
 
 
 class LLMEngine:
@@ -71,14 +83,15 @@ class LLMEngine:
         self.block_manager = BlockManager(config.block_size, num_device_blocks, num_cpu_blocks,
                                           config.enable_prefix_caching, config.share_blocks)
         self.scheduler = Scheduler(config, self.block_manager)
+        self.checker = RequestChecker(config, self.model_path, hc.vocab_size,
+                                      self.max_model_len, self.tokenizer, self.block_manager)
         self.eos_token_ids = load_eos_token_ids(self.model_path, self.hf_config,
                                                 self.tokenizer)
         self.sampler = Sampler(self.eos_token_ids)
+        self.seq_factory = SequenceFactory(device, self.tokenizer, self.eos_token_ids,
+                                    self.block_manager, self.scheduler, config.seed)
         self.requests: dict[str, SequenceGroup] = {}
         self._aborted: list[SequenceGroup] = []
-        self._fork_copies: list[tuple[int, int]] = []  # executed before the next forward
-        self._seq_ids = itertools.count()
-        self._rng = random.Random(config.seed)
         self._counters = {"num_prompt_tokens": 0, "num_generated_tokens": 0,
                           "peak_num_running": 0, "peak_device_blocks_used": 0,
                           "num_steps": 0}
@@ -119,77 +132,44 @@ class LLMEngine:
 
     # ---- requests -------------------------------------------------------------
 
-    def add_request(self, request_id: str, prompt: Prompt,
-                    params: SamplingParams | BeamSearchParams | None = None,
+    def add_request(self, request_id: str, prompt: Prompt, params: Params | None = None,
                     priority: int = 0, deadline: float | None = None) -> None:
-        """Queue a request. Bad input raises ValueError naming what is wrong."""
+        """Queue a request. Bad input raises ValueError naming the field; the engine is
+        then unchanged."""
         params = params or SamplingParams()
+        self._check_id(request_id)
+        token_ids = self.checker.check(prompt, params, priority, deadline)
+        self._enqueue(self.seq_factory.new_group(request_id, prompt, token_ids, params,
+                                                 priority, deadline))
+
+    def add_requests(self, requests: list[NewRequest]) -> None:
+        """Queue (request_id, prompt, params, priority) requests: all of them, or, when
+        one is invalid, none (ValueError naming the field)."""
+        requests = [(rid, prompt, params or SamplingParams(), priority)
+                    for rid, prompt, params, priority in requests]
+        seen: set[str] = set()
+        for request_id, *_ in requests:
+            self._check_id(request_id)
+            if request_id in seen:
+                raise ValueError(f"request_id {request_id!r} appears twice")
+            seen.add(request_id)
+        checked = [self.checker.check(prompt, params, priority, None)
+                   for _, prompt, params, priority in requests]
+        groups = [self.seq_factory.new_group(rid, prompt, ids, params, priority, None)
+                  for (rid, prompt, params, priority), ids in zip(requests, checked,
+                                                                   strict=True)]
+        for group in groups:
+            self._enqueue(group)
+
+    def _check_id(self, request_id: str) -> None:
+        if not isinstance(request_id, str):
+            raise ValueError(f"request_id must be a str, got {request_id!r}")
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
-        token_ids = self._tokenize(prompt)
-        if len(token_ids) >= self.max_model_len:
-            raise ValueError(f"prompt has {len(token_ids)} tokens; max_model_len is "
-                             f"{self.max_model_len} (prompt plus at least one new token)")
-        vocab = self.hf_config.vocab_size
-        if any(not 0 <= t < vocab for t in token_ids):
-            raise ValueError(f"prompt token ids must be in [0, {vocab})")
-        seed = getattr(params, "seed", None)
-        group = SequenceGroup(
-            request_id=request_id,
-            prompt=prompt if isinstance(prompt, str) else None,
-            prompt_token_ids=token_ids,
-            params=params,
-            seqs=[],
-            metrics=RequestMetrics(arrival_time=time.time(), num_prompt_tokens=len(token_ids)),
-            priority=priority,
-            deadline=deadline,
-            seed=seed if seed is not None else self._rng.getrandbits(62),
-        )
-        if isinstance(params, BeamSearchParams):
-            self._check_beam_fits(token_ids, params)
-            stops = set(params.stop_token_ids) | (set() if params.ignore_eos
-                                                  else self.eos_token_ids)
-            group.beam = BeamState(params, stops)
-        group.seqs.append(self._new_seq(group, 0))
-        self.requests[request_id] = group
+
+    def _enqueue(self, group: SequenceGroup) -> None:
+        self.requests[group.request_id] = group
         self.scheduler.add(group)
-
-    def _check_beam_fits(self, token_ids: list[int], params: BeamSearchParams) -> None:
-        """Beams share the prompt's blocks; each needs its own blocks for what it generates."""
-        bm = self.block_manager
-        new_tokens = min(params.max_tokens, self.max_model_len - len(token_ids))
-        need = bm.blocks_for(len(token_ids)) + params.beam_width * (bm.blocks_for(new_tokens) + 1)
-        if need > bm.device.num_blocks:
-            raise ValueError(
-                f"beam search with beam_width {params.beam_width} needs up to {need} KV blocks "
-                f"but the device pool holds {bm.device.num_blocks}"
-            )
-
-    def _tokenize(self, prompt: Prompt) -> list[int]:
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise ValueError(f"checkpoint {self.model_path} has no tokenizer: "
-                                 "pass the prompt as a list of token ids")
-            ids = self.tokenizer.encode(prompt)
-        elif isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
-            ids = list(prompt)
-        else:
-            raise ValueError("prompt must be a str or a list of int token ids")
-        if not ids:
-            raise ValueError("prompt is empty")
-        return ids
-
-    def _new_seq(self, group: SequenceGroup, index: int) -> Sequence:
-        """Sequence `index` of a request; sample i of a seeded request draws with seed + i."""
-        generator = None
-        if isinstance(group.params, SamplingParams) and not group.params.greedy:
-            generator = torch.Generator(self.config.torch_device)
-            generator.manual_seed(group.seed + index)
-        token_ids = group.prompt_token_ids
-        seq = Sequence(next(self._seq_ids), list(token_ids), len(token_ids), generator, index)
-        if self.tokenizer is not None:
-            detokenizer.start(seq)
-        return seq
 
     def abort_request(self, request_id: str, reason: str | None = None) -> None:
         """Stop a request; its final output (finish_reason "abort") comes with the next step."""
@@ -210,8 +190,8 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         self._expire_deadlines()
         # Forks made while sampling the last step, before anything can move their blocks.
-        self.cache.copy(self._fork_copies)
-        self._fork_copies.clear()
+        self.cache.copy(self.seq_factory.copies)
+        self.seq_factory.copies.clear()
         sched = self.scheduler.schedule()
         for group in sched.never_fit:
             self.abort_request(group.request_id, group.abort_reason)
@@ -224,10 +204,10 @@ class LLMEngine:
         c["peak_device_blocks_used"] = max(c["peak_device_blocks_used"],
                                            bm.device.num_blocks - bm.device.num_free)
         if sched.scheduled:
-            logits, sampled = self.runner.execute(sched.scheduled)
-            self._advance(sched.scheduled)
-            self._sample(logits, sampled, touched)
+            self._run(sched.scheduled, touched)
             self._counters["num_steps"] += 1
+        elif not (sched.preempted or self._aborted) and self.scheduler.has_unfinished():
+            self._abort_stuck()
         outputs = [self._finish_or_report(g) for g in touched.values()]
         for group in self._aborted:
             outputs.append(self._finish_or_report(group))
@@ -240,87 +220,99 @@ class LLMEngine:
             if group.deadline is not None and now > group.deadline:
                 self.abort_request(group.request_id, "deadline exceeded")
 
+    def _abort_stuck(self) -> None:
+        """Nothing ran, moved or ended this step, so no later step would differ: abort the
+        request at the head of the line rather than spin on it."""
+        group = self.scheduler.first_in_line()
+        cfg = self.config
+        self.abort_request(group.request_id, (
+            f"the scheduler cannot fit this request into a step (max_num_seqs "
+            f"{cfg.max_num_seqs}, max_num_batched_tokens {cfg.max_num_batched_tokens}, "
+            f"{self.block_manager.device.num_blocks} device blocks)"))
+
+    def _run(self, scheduled: list[ScheduledSeq], touched: dict[str, SequenceGroup]) -> None:
+        """Run the model, compute the next tokens, apply them. A request whose forward or
+        sampling raises is aborted alone; the others get the tokens they would get
+        without it."""
+        try:
+            logits, sampled = self.runner.execute(scheduled)
+        except Exception as exc:
+            logits, sampled = self._execute_isolated(scheduled, exc)
+        self._advance(scheduled)
+        plans, failed = plan_samples(sampled, self.seq_factory)
+        for group, exc in failed:
+            self._abort_failed(group, exc)
+        try:
+            results = compute_tokens(plans, logits, self.sampler, self.max_model_len)
+        except Exception as exc:
+            results = self._compute_isolated(plans, logits, exc)
+        now = time.time()
+        for plan in plans:
+            group = plan.group
+            result = results.get(group.request_id)
+            if result is None:
+                continue
+            try:
+                self._apply(plan, result, now)
+            except Exception as exc:
+                self._abort_failed(group, exc)
+                continue
+            touched[group.request_id] = group
+
+    def _execute_isolated(self, scheduled: list[ScheduledSeq], error: Exception
+                          ) -> tuple[torch.Tensor, list[ScheduledSeq]]:
+        """The forward raised: abort the groups that fail alone, and start afresh those
+        that reused blocks a failed group was to write (their KV is wrong)."""
+        groups = groups_in_order(scheduled)
+        parts, failed = bisect_failures(
+            groups, lambda part: self.runner.execute(entries_of(scheduled, part)), error)
+        if len(groups) > 1 and len(failed) == len(groups):
+            # Every request fails on its own: the model or the device is broken, not a
+            # request. The caller decides (the worker rebuilds and retries uncharged).
+            raise error
+        lost, readers = lost_blocks(scheduled, [g for g, _ in failed],
+                                    self.config.block_size)
+        self.block_manager.uncache(lost)
+        for group in readers:
+            self.scheduler.restart(group)
+        for group, exc in failed:
+            self._abort_failed(group, exc)
+        return concat_parts(parts)
+
+    def _compute_isolated(self, plans: list[SamplePlan], logits: torch.Tensor,
+                          error: Exception) -> dict[str, StepResult]:
+        parts, failed = bisect_failures(
+            plans, lambda part: compute_tokens(part, logits, self.sampler, self.max_model_len),
+            error)
+        for plan, exc in failed:
+            self._abort_failed(plan.group, exc)
+        return merge(parts)
+
+    def _abort_failed(self, group: SequenceGroup, exc: Exception) -> None:
+        logger.error("request %s failed in a step and is aborted", group.request_id,
+                     exc_info=exc)
+        self.abort_request(group.request_id, f"engine error: {exc!r}")
+
     def _advance(self, scheduled: list[ScheduledSeq]) -> None:
         for entry in scheduled:
             seq = entry.seq
+            if seq.status is not SequenceStatus.RUNNING:  # aborted or restarted this step
+                continue
             before = seq.num_computed_tokens
             seq.num_computed_tokens += entry.num_tokens
             self._counters["num_prompt_tokens"] += max(
                 min(seq.num_computed_tokens, seq.prompt_len) - before, 0)
 
-    def _sample(self, logits: torch.Tensor, sampled: list[ScheduledSeq],
-                touched: dict[str, SequenceGroup]) -> None:
-        rows: list[int] = []
-        seqs: list[Sequence] = []
-        params: list[SamplingParams] = []
-        beam_rows: dict[str, dict[int, int]] = {}  # request -> seq_id -> logits row
-        now = time.time()
-        for row, entry in enumerate(sampled):
-            group, seq = entry.group, entry.seq
-            touched[group.request_id] = group
-            if group.metrics.first_token_time is None:
-                group.metrics.first_token_time = now
-            if group.beam is not None:
-                beam_rows.setdefault(group.request_id, {})[seq.seq_id] = row
-                continue
-            for s in self._fork_samples(group, seq):
-                rows.append(row)
-                seqs.append(s)
-                params.append(group.params)
-        for request_id, by_seq in beam_rows.items():
-            # Rows come in the runner's order; beams are stepped in the group's order.
-            group = touched[request_id]
-            self._step_beams(group, logits[[by_seq[s.seq_id] for s in group.seqs]])
-        if seqs:
-            # Every row sampled once, in order (no forks, no beams): no copy needed.
-            picked = logits if rows == list(range(len(logits))) else logits[rows]
-            results = self.sampler(picked, seqs, params)
-            for seq, p, res in zip(seqs, params, results, strict=True):
-                self._append_token(seq, p, res.token_id, res.logprob, res.top_logprobs)
-
-    def _fork_samples(self, group: SequenceGroup, seq: Sequence) -> list[Sequence]:
-        """After the prompt, a request with n > 1 forks into n sequences sharing its blocks."""
-        if group.params.n == 1 or len(group.seqs) > 1:
-            return [seq]
-        group.seqs.extend(self._fork(group, seq, i) for i in range(1, group.params.n))
-        return group.seqs
-
-    def _fork(self, group: SequenceGroup, parent: Sequence, index: int) -> Sequence:
-        """A running copy of `parent` that shares its blocks (copy-on-write)."""
-        child = self._new_seq(group, index)
-        child.token_ids = list(parent.token_ids)
-        child.num_computed_tokens = parent.num_computed_tokens
-        child.cumulative_logprob = parent.cumulative_logprob
-        child.status = SequenceStatus.RUNNING
-        self.block_manager.fork(parent, child, self._fork_copies)
-        return child
-
-    def _step_beams(self, group: SequenceGroup, logits: torch.Tensor) -> None:
-        """Replace the group's beams by the next ones: reuse a parent for its first
-        continuation, fork it for the others, free the parents nobody continues."""
-        beams = group.seqs
-        state = group.beam
-        at_limit = (beams[0].num_output_tokens + 1 >= state.params.max_tokens
-                    or beams[0].num_tokens + 1 >= self.max_model_len)
-        nexts = state.step(logits, [b.cumulative_logprob for b in beams],
-                           [b.output_token_ids for b in beams], at_limit)
-        taken: set[int] = set()
-        new_beams = []
-        for i, cand in enumerate(nexts):
-            parent = beams[cand.parent]
-            beam = self._fork(group, parent, i) if cand.parent in taken else parent
-            taken.add(cand.parent)
-            new_beams.append(beam)
-        for i, (beam, cand) in enumerate(zip(new_beams, nexts, strict=True)):
-            beam.index = i
-            beam.token_ids.append(cand.token_id)
-            beam.cumulative_logprob = cand.cumulative_logprob
-        for i, beam in enumerate(beams):
-            if i not in taken:
-                self.scheduler.free_seq(beam)
-                beam.status = SequenceStatus.FINISHED_STOPPED
-        group.seqs = new_beams
-        self._counters["num_generated_tokens"] += len(new_beams)
+    def _apply(self, plan: SamplePlan, result: StepResult, now: float) -> None:
+        group = plan.group
+        if group.metrics.first_token_time is None:
+            group.metrics.first_token_time = now
+        if isinstance(result, BeamStep):
+            self.seq_factory.step_beams(group, result)
+            self._counters["num_generated_tokens"] += len(group.seqs)
+            return
+        for seq, res in zip(plan.seqs, result, strict=True):
+            self._append_token(seq, group.params, res.token_id, res.logprob, res.top_logprobs)
 
     def _append_token(self, seq: Sequence, p: SamplingParams, token: int, logprob: float,
                       top: dict[int, float] | None) -> None:

@@ -27,30 +27,38 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence],
                  params: list[SamplingParams]) -> list[SampleResult]:
-        logits = logits.float()
-        if any(_edits_logits(seq, p) for seq, p in zip(seqs, params, strict=True)):
-            logits = logits.clone()  # the caller's logits stay as they were
+        """Sample one token per row; the caller's logits stay as they were.
+
+        Random numbers are drawn last, after every operation that can fail: a call
+        that raises leaves each sequence's generator untouched, so the engine can
+        sample the same rows again and get the same tokens.
+        """
+        work = logits.float()
+        if work is logits and any(_edits_logits(seq, p)
+                                  for seq, p in zip(seqs, params, strict=True)):
+            work = work.clone()
         for row, (seq, p) in enumerate(zip(seqs, params, strict=True)):
-            apply_penalties(logits[row], seq, p)
-            self._apply_min_tokens(logits[row], seq, p)
+            apply_penalties(work[row], seq, p)
+            self._apply_min_tokens(work[row], seq, p)
         temps = [p.temperature if p.temperature > 0 else 1.0 for p in params]
         if any(t != 1.0 for t in temps):
-            logits.div_(torch.tensor(temps, device=logits.device)[:, None])
-        logprobs = torch.log_softmax(logits, dim=-1)
-        tokens = logits.argmax(dim=-1)
-        for row, (seq, p) in enumerate(zip(seqs, params, strict=True)):
-            if not p.greedy:
-                tokens[row] = _draw(truncate(logits[row], p), seq.generator)
+            work.div_(torch.tensor(temps, device=work.device)[:, None])
+        logprobs = torch.log_softmax(work, dim=-1)
+        tokens = work.argmax(dim=-1)
+        tops = [logprobs[row].topk(p.logprobs) if p.logprobs else None
+                for row, p in enumerate(params)]
+        random_rows = [row for row, p in enumerate(params) if not p.greedy]
+        probs = [truncate(work[row], params[row]).softmax(-1) for row in random_rows]
+        for row, row_probs in zip(random_rows, probs, strict=True):
+            tokens[row] = _draw(row_probs, seqs[row].generator)
         chosen = logprobs.gather(1, tokens[:, None]).squeeze(1)
         results = []
-        for row, (token, lp, p) in enumerate(zip(tokens.tolist(), chosen.tolist(), params,
-                                                  strict=True)):
-            top = None
-            if p.logprobs:
-                values, ids = logprobs[row].topk(p.logprobs)
-                top = dict(zip(ids.tolist(), values.tolist(), strict=True))
-                top[token] = lp
-            results.append(SampleResult(token, lp, top))
+        for token, lp, top in zip(tokens.tolist(), chosen.tolist(), tops, strict=True):
+            top_logprobs = None
+            if top is not None:
+                top_logprobs = dict(zip(top.indices.tolist(), top.values.tolist(), strict=True))
+                top_logprobs[token] = lp
+            results.append(SampleResult(token, lp, top_logprobs))
         return results
 
     def _apply_min_tokens(self, row: torch.Tensor, seq: Sequence, p: SamplingParams) -> None:
@@ -99,8 +107,7 @@ def truncate(row: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     return row
 
 
-def _draw(row: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """Sample from softmax(row) by the exponential race: argmax(p / E), E ~ Exp(1)."""
-    probs = row.softmax(-1)
+def _draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Sample from `probs` by the exponential race: argmax(p / E), E ~ Exp(1)."""
     noise = torch.empty_like(probs).exponential_(generator=generator)
     return (probs / noise).argmax()

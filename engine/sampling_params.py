@@ -1,6 +1,16 @@
-"""What a request asks for: sampling knobs and beam search knobs, validated on creation."""
+"""What a request asks for: sampling knobs and beam search knobs, validated on creation.
 
+These checks are the one definition of a valid request: the worker builds its
+job schema by constructing a `SamplingParams`, so every rule lives in
+`__post_init__` and raises a ValueError whose message starts with the field name.
+What depends on the loaded model (vocabulary, batch limits) is checked by the engine.
+"""
+
+import math
 from dataclasses import dataclass, field
+
+MAX_LOGPROBS = 20
+_SEED_RANGE = range(-2**63, 2**64)  # what torch.Generator.manual_seed accepts
 
 
 @dataclass(slots=True)
@@ -31,11 +41,14 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
-        self.stop = list(self.stop or [])
-        self.stop_token_ids = list(self.stop_token_ids or [])
-        _check(self.n >= 1, "n", "must be >= 1", self.n)
+        self.stop = _as_list(self.stop, "stop")
+        self.stop_token_ids = _as_list(self.stop_token_ids, "stop_token_ids")
+        _check_floats(self, "temperature", "top_p", "min_p", "repetition_penalty",
+                      "presence_penalty", "frequency_penalty")
+        _check(_is_int(self.n) and self.n >= 1, "n", "must be an int >= 1", self.n)
         _check(self.temperature >= 0, "temperature", "must be >= 0", self.temperature)
-        _check(self.top_k >= -1, "top_k", "must be -1, 0 (off) or a positive count", self.top_k)
+        _check(_is_int(self.top_k) and self.top_k >= -1, "top_k",
+               "must be -1, 0 (off) or a positive count", self.top_k)
         _check(0 < self.top_p <= 1, "top_p", "must be in (0, 1]", self.top_p)
         _check(0 <= self.min_p <= 1, "min_p", "must be in [0, 1]", self.min_p)
         _check(self.repetition_penalty > 0, "repetition_penalty", "must be > 0",
@@ -44,15 +57,21 @@ class SamplingParams:
                self.presence_penalty)
         _check(-2 <= self.frequency_penalty <= 2, "frequency_penalty", "must be in [-2, 2]",
                self.frequency_penalty)
-        _check(self.max_tokens >= 1, "max_tokens", "must be >= 1", self.max_tokens)
-        _check(0 <= self.min_tokens <= self.max_tokens, "min_tokens",
-               "must be in [0, max_tokens]", self.min_tokens)
+        _check(self.seed is None or (_is_int(self.seed) and self.seed in _SEED_RANGE), "seed",
+               "must be None or an int in [-2**63, 2**64)", self.seed)
+        _check(_is_int(self.max_tokens) and self.max_tokens >= 1, "max_tokens",
+               "must be an int >= 1", self.max_tokens)
+        _check(_is_int(self.min_tokens) and 0 <= self.min_tokens <= self.max_tokens,
+               "min_tokens", "must be an int in [0, max_tokens]", self.min_tokens)
         _check(all(isinstance(s, str) and s for s in self.stop), "stop",
                "must hold non-empty strings", self.stop)
-        _check(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
-               "stop_token_ids", "must hold token ids >= 0", self.stop_token_ids)
-        _check(self.logprobs is None or self.logprobs >= 0, "logprobs", "must be >= 0",
-               self.logprobs)
+        _check(all(_is_int(t) and t >= 0 for t in self.stop_token_ids),
+               "stop_token_ids", "must hold int token ids >= 0", self.stop_token_ids)
+        _check(isinstance(self.ignore_eos, bool), "ignore_eos", "must be a bool",
+               self.ignore_eos)
+        _check(self.logprobs is None or (_is_int(self.logprobs)
+                                         and 0 <= self.logprobs <= MAX_LOGPROBS),
+               "logprobs", f"must be None or an int in [0, {MAX_LOGPROBS}]", self.logprobs)
         # Greedy samples would all be the same sequence: n > 1 needs randomness.
         _check(self.n == 1 or self.temperature > 0, "n",
                "must be 1 when temperature is 0 (greedy samples would be identical)", self.n)
@@ -74,9 +93,45 @@ class BeamSearchParams:
     ignore_eos: bool = False
 
     def __post_init__(self) -> None:
-        self.stop_token_ids = list(self.stop_token_ids or [])
-        _check(self.beam_width >= 1, "beam_width", "must be >= 1", self.beam_width)
-        _check(self.max_tokens >= 1, "max_tokens", "must be >= 1", self.max_tokens)
+        self.stop_token_ids = _as_list(self.stop_token_ids, "stop_token_ids")
+        _check(_is_int(self.beam_width) and self.beam_width >= 1, "beam_width",
+               "must be an int >= 1", self.beam_width)
+        _check(_is_int(self.max_tokens) and self.max_tokens >= 1, "max_tokens",
+               "must be an int >= 1", self.max_tokens)
+        _check_floats(self, "length_penalty")
+        _check(isinstance(self.early_stopping, bool), "early_stopping", "must be a bool",
+               self.early_stopping)
+        _check(all(_is_int(t) and t >= 0 for t in self.stop_token_ids),
+               "stop_token_ids", "must hold int token ids >= 0", self.stop_token_ids)
+        _check(isinstance(self.ignore_eos, bool), "ignore_eos", "must be a bool",
+               self.ignore_eos)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_finite_number(value: object) -> bool:
+    """An int or float (not a bool) that is neither inf nor nan and fits a float."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int beyond the range of a float
+        return False
+
+
+def _check_floats(params: object, *names: str) -> None:
+    for name in names:
+        value = getattr(params, name)
+        _check(is_finite_number(value), name, "must be a finite number", value)
+
+
+def _as_list(value: object, name: str) -> list:
+    if value is None:
+        return []
+    _check(isinstance(value, list | tuple), name, "must be a list", value)
+    return list(value)
 
 
 def _check(ok: bool, name: str, rule: str, value: object) -> None:

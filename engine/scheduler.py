@@ -80,6 +80,20 @@ class Scheduler:
     def free_seq(self, seq: Sequence) -> None:
         self.bm.free(seq)
 
+    def restart(self, group: SequenceGroup) -> None:
+        """Send a request back to the waiting queue with nothing computed (the blocks it
+        reused this step hold no valid KV); unlike a preemption it costs it nothing else."""
+        if group in self.running:
+            self.running.remove(group)
+        self._requeue(group)
+
+    def first_in_line(self) -> SequenceGroup | None:
+        """The request the next step serves first: running, then swapped, then waiting."""
+        for queue in (self.running, self.swapped, self.waiting):
+            if queue:
+                return queue[0]
+        return None
+
     # ---- one step -------------------------------------------------------------
 
     def schedule(self) -> SchedulerOutput:
@@ -199,6 +213,10 @@ class Scheduler:
             return
         for seq in seqs:
             group.metrics.num_recomputed_tokens += seq.num_computed_tokens
+        self._requeue(group)
+
+    def _requeue(self, group: SequenceGroup) -> None:
+        for seq in group.live_seqs():
             self.bm.free(seq)
             seq.num_computed_tokens = 0
             seq.status = SequenceStatus.WAITING
