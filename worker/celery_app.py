@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from celery import Celery
@@ -14,6 +15,7 @@ if TYPE_CHECKING:
     from worker.executor import JobRunner
 
 TASK_NAME = "pagedq.generate"
+RESUMED_SUFFIX = ".resumed"
 CANCEL_COMMAND = "pagedq_cancel"
 
 
@@ -26,9 +28,20 @@ class PagedqCelery(Celery):
     # The worker process's exit status: non-zero when its engine died.
     exit_status: int = 0
 
-    def queue_name(self, kind: QueueKind) -> str:
-        return {QueueKind.INTERACTIVE: self.settings.interactive_queue,
+    def queue_name(self, kind: QueueKind, resumed: bool = False) -> str:
+        """A kind's queue; `resumed`: the one for jobs a sweep publishes again (a
+        dead worker's, or a lost message's), drained before it, since these jobs
+        already waited their turn once."""
+        name = {QueueKind.INTERACTIVE: self.settings.interactive_queue,
                 QueueKind.BULK: self.settings.bulk_queue}[kind]
+        return f"{name}{RESUMED_SUFFIX}" if resumed else name
+
+    def queue_names(self, kinds: Iterable[QueueKind] = QueueKind) -> list[str]:
+        """The queues a worker drains, in order: interactive before bulk, and each
+        kind's resumed jobs before its new ones."""
+        wanted = set(kinds)
+        return [self.queue_name(kind, resumed) for kind in QueueKind if kind in wanted
+                for resumed in (True, False)]
 
 
 def create_app(settings: Settings) -> PagedqCelery:
@@ -62,7 +75,7 @@ def create_app(settings: Settings) -> PagedqCelery:
         worker_prefetch_multiplier=1,
         task_send_sent_event=True,
         worker_send_task_events=True,
-        task_queues=[Queue(settings.interactive_queue), Queue(settings.bulk_queue)],
+        task_queues=[Queue(name) for name in app.queue_names()],
         task_default_queue=settings.interactive_queue,
         task_create_missing_queues=False,
         # A threads-pool task cannot be killed, and the job is redelivered by

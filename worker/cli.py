@@ -44,8 +44,8 @@ def _worker(settings: Settings, args: argparse.Namespace) -> int:
     app = create_app(settings)
     install(app)
     kinds = [QueueKind(kind) for kind in args.queues.split(",")]
-    # Interactive first: the Redis transport takes queues in the order listed.
-    queues = [app.queue_name(kind) for kind in QueueKind if kind in kinds]
+    # The Redis transport takes queues in the order listed.
+    queues = app.queue_names(kinds)
     argv = [
         "worker",
         # Threads, never prefork: the one engine lives in this process, and a

@@ -36,9 +36,11 @@ class BrokerUnavailable(RuntimeError):
         self.unsent = unsent
 
 
-def publish(app: PagedqCelery, jobs: Sequence[tuple[str, QueueKind]]) -> None:
+def publish(app: PagedqCelery, jobs: Sequence[tuple[str, QueueKind]],
+            resumed: bool = False) -> None:
     """Send each job's message to its queue: the one way a job reaches the broker,
-    on submit and again when a worker's sweep finds its message lost.
+    on submit and again (`resumed`, to the queue drained first) when a worker's
+    sweep finds its message or its worker lost.
 
     Raises BrokerUnavailable naming the jobs whose message was not sent."""
     if not jobs:
@@ -48,7 +50,8 @@ def publish(app: PagedqCelery, jobs: Sequence[tuple[str, QueueKind]]) -> None:
         with app.producer_or_acquire() as producer:
             for job_id, kind in jobs:
                 app.send_task(TASK_NAME, args=[job_id], task_id=job_id,
-                              queue=app.queue_name(kind), producer=producer, retry=True)
+                              queue=app.queue_name(kind, resumed), producer=producer,
+                              retry=True)
                 sent += 1
     except (BrokerError, OSError) as exc:
         raise BrokerUnavailable(

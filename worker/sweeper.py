@@ -43,7 +43,7 @@ class Sweeper:
         jobs = self.store.claim_republish(threshold, SWEEP_BATCH)
         unsent: set[str] = set()
         try:
-            publish(self.app, jobs)
+            publish(self.app, jobs, resumed=True)
         except BrokerUnavailable as exc:
             unsent = set(exc.unsent)
             # Their message is still missing: the next sweep tries again.

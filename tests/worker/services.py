@@ -144,7 +144,7 @@ def stack(fields: dict[str, Any], log_dir: Path, name: str) -> Iterator[Stack]:
 def purge_queues(client: Client) -> None:
     with client.app.connection_for_write() as connection:
         channel = connection.default_channel
-        for queue in (client.settings.interactive_queue, client.settings.bulk_queue):
+        for queue in client.app.queue_names():
             with suppress(Exception):
                 channel.queue_purge(queue)
 

@@ -21,7 +21,7 @@ from tests.worker.services import (
 from worker.celery_app import create_app
 from worker.client import Client
 from worker.models import JobStatus
-from worker.schemas import parse_job
+from worker.schemas import QueueKind, parse_job
 from worker.settings import load_settings
 from worker.store import JobStore
 from worker.sweeper import Sweeper
@@ -67,8 +67,9 @@ def test_a_lost_message_is_sent_again_as_the_client_sent_it(client, caplog):
         assert sweeper.sweep() == [job_id]
     assert f"job {job_id} re-published" in caplog.text
     assert broker(client).llen(client.settings.interactive_queue) == 0
-    again = json.loads(broker(client).rpop(bulk))
-    assert essentials(again) == essentials(original)
+    # Sent to the bulk queue's resumed jobs, which workers drain before new bulk jobs.
+    again = json.loads(broker(client).rpop(client.app.queue_name(QueueKind.BULK, resumed=True)))
+    assert essentials(again) == (*essentials(original)[:-1], f"{bulk}.resumed")
     assert sweeper.sweep() == []  # at most once per threshold
 
 
@@ -89,7 +90,7 @@ def test_racing_sweepers_send_each_job_once(client):
         for store in stores:
             store.close()
     assert sorted(sent) == sorted(ids)
-    assert broker(client).llen(client.settings.interactive_queue) == len(ids)
+    assert broker(client).llen(client.app.queue_name(QueueKind.INTERACTIVE, True)) == len(ids)
 
 
 def test_a_failed_resend_is_tried_again_at_the_next_sweep(client, caplog):
@@ -121,3 +122,10 @@ def test_a_worker_runs_a_job_whose_message_was_lost(redis_url, new_pg_database, 
         log = running.worker.log_tail(50_000)
         assert log.count(f"job {lost_id} re-published") == 1
         assert f"job {long_id} re-published" not in log
+
+
+def test_workers_drain_resumed_jobs_before_new_ones(client):
+    interactive, bulk = client.settings.interactive_queue, client.settings.bulk_queue
+    assert client.app.queue_names() == [f"{interactive}.resumed", interactive,
+                                        f"{bulk}.resumed", bulk]
+    assert client.app.queue_names([QueueKind.BULK]) == [f"{bulk}.resumed", bulk]
