@@ -94,6 +94,7 @@ class JobRunner:
     def _give_back(self, spec: JobSpec, cause: Exception) -> None:
         """Requeue a job the machinery failed, without charging its attempt. If the
         database is away too, the lease runs out and the sweep requeues it."""
+        self.service.abort_attempt(spec.id, spec.lease_id)  # if the engine still holds it
         try:
             self.store.release(spec.id, spec.lease_id)
         except Exception as exc:
@@ -144,6 +145,9 @@ class JobRunner:
             for o in output.outputs
         ]
         metrics = None if output is None else _metrics(spec, output, worker)
+        # Renewal stops before the write that ends the lease, or a renewal racing
+        # it would take the ended lease for one lost to another worker.
+        self.leases.drop(spec.lease_id)
         recorded = self.store.finish(spec.id, spec.lease_id, status, error=error,
                                      outputs=completions, metrics=metrics)
         if not recorded:

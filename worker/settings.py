@@ -1,27 +1,40 @@
-"""All configuration of the worker side, read from `PAGEDQ_*` environment variables."""
+"""All configuration of the worker side, read from `PAGEDQ_*` environment variables.
+
+The engine knobs are not written down here: `Settings` takes the fields of
+`engine.EngineConfig` (names, types, defaults) and checks them by constructing
+one, so every knob is settable as `PAGEDQ_<NAME>` and a value the worker accepts
+is one the engine accepts.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import dataclasses
+from typing import Any, Self, get_type_hints
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, create_model, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from engine.config import EngineConfig
 
 ENV_PREFIX = "PAGEDQ_"
 
+# EngineConfig knobs a worker does not offer. share_blocks=False copies every block on
+# fork, only to measure what sharing saves (bench/sharing.py); a worker would just
+# hold fewer sequences with it.
+_NOT_WORKER_KNOBS = frozenset({"share_blocks"})
+
 # Engine knobs are passed to EngineConfig under these exact names.
-ENGINE_FIELDS = (
-    "model", "dtype", "device", "block_size", "num_device_blocks", "swap_space_gib",
-    "max_num_seqs", "max_num_batched_tokens", "max_model_len", "preemption_mode",
-    "enable_prefix_caching", "attention_backend", "seed",
-)
+ENGINE_FIELDS = tuple(f.name for f in dataclasses.fields(EngineConfig)
+                      if f.name not in _NOT_WORKER_KNOBS)
 
 
 class SettingsError(ValueError):
     """A `PAGEDQ_*` variable has a bad value; the message names the variable."""
 
 
-class Settings(BaseSettings):
+class _WorkerSettings(BaseSettings):
+    """The worker's own settings; `Settings` adds the engine's knobs to these."""
+
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
 
     # Where jobs travel and where results land.
@@ -29,21 +42,6 @@ class Settings(BaseSettings):
     # The embedded default is a SQLite file in the working directory, so that
     # `pagedq run` works with nothing else installed.
     database_url: str = "sqlite:///pagedq.db"
-
-    # Engine (the names and defaults of engine.EngineConfig).
-    model: str = "smollm2-135m"
-    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
-    device: str = "auto"
-    block_size: Literal[8, 16, 32, 64] = 16
-    num_device_blocks: int | None = Field(None, gt=0)
-    swap_space_gib: float = Field(4.0, ge=0)
-    max_num_seqs: int = Field(256, gt=0)
-    max_num_batched_tokens: int = Field(4096, gt=0)
-    max_model_len: int | None = Field(None, gt=0)
-    preemption_mode: Literal["swap", "recompute"] = "swap"
-    enable_prefix_caching: bool = True
-    attention_backend: Literal["auto", "torch", "triton"] = "auto"
-    seed: int = 0
 
     # Queues: the worker always drains interactive before bulk.
     interactive_queue: str = Field("pagedq.interactive", min_length=1)
@@ -115,7 +113,20 @@ class Settings(BaseSettings):
         return password
 
     @model_validator(mode="after")
-    def _distinct_queues(self) -> Settings:
+    def _engine_rules(self) -> Self:
+        try:
+            EngineConfig(**self.engine_kwargs())
+        except ValueError as exc:
+            # EngineConfig's messages start with the field they are about.
+            message = str(exc)
+            name = message.split(" ", 1)[0]
+            if name in ENGINE_FIELDS:
+                message = f"{ENV_PREFIX}{name.upper()}: {message}"
+            raise SettingsError(message) from None
+        return self
+
+    @model_validator(mode="after")
+    def _distinct_queues(self) -> Self:
         if self.interactive_queue == self.bulk_queue:
             raise ValueError(
                 f"{ENV_PREFIX}INTERACTIVE_QUEUE and {ENV_PREFIX}BULK_QUEUE must differ"
@@ -123,7 +134,7 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
-    def _sweep_within_threshold(self) -> Settings:
+    def _sweep_within_threshold(self) -> Self:
         if self.sweep_interval > self.republish_after_s:
             raise ValueError(
                 f"{ENV_PREFIX}SWEEP_INTERVAL_S ({self.sweep_interval:g}) must not exceed "
@@ -133,6 +144,7 @@ class Settings(BaseSettings):
         return self
 
     def engine_kwargs(self) -> dict[str, Any]:
+        """The EngineConfig fields, by name, as this worker sets them."""
         return {name: getattr(self, name) for name in ENGINE_FIELDS}
 
     @property
@@ -143,6 +155,17 @@ class Settings(BaseSettings):
     def sweep_interval(self) -> float:
         """Seconds between two looks of a worker for jobs due a re-publish."""
         return self.sweep_interval_s or min(self.lease_s / 2, self.republish_after_s / 10)
+
+
+_ENGINE_HINTS = get_type_hints(EngineConfig)
+
+Settings = create_model(
+    "Settings",
+    __base__=_WorkerSettings,
+    __doc__="The worker's settings and every knob of engine.EngineConfig, from PAGEDQ_*.",
+    **{f.name: (_ENGINE_HINTS[f.name], f.default)
+       for f in dataclasses.fields(EngineConfig) if f.name in ENGINE_FIELDS},
+)
 
 
 def load_settings(**overrides: Any) -> Settings:

@@ -6,7 +6,7 @@ import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import ColumnElement, Engine, and_, delete, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
@@ -22,6 +22,14 @@ INSERT_CHUNK = 500
 # Ids per SELECT ... IN: well under PostgreSQL's 65,535 bind parameters.
 SELECT_CHUNK = 10_000
 FINISHED = [status for status in JobStatus if status.finished]
+
+
+class Due(NamedTuple):
+    """A job a sweep takes to publish again."""
+
+    job_id: str
+    queue: QueueKind
+    orphaned: bool  # its worker died running it (not: its message was lost)
 
 
 @dataclass(slots=True)
@@ -248,19 +256,19 @@ class JobStore:
 
     # -- sweep for lost messages -------------------------------------------
 
-    def claim_republish(self, older_than_s: float, limit: int) -> list[tuple[str, QueueKind]]:
+    def claim_republish(self, older_than_s: float, limit: int) -> list[Due]:
         """Take up to `limit` jobs whose message may be lost, oldest first: queued
         jobs whose message went out over `older_than_s` ago, and running jobs
         whose lease expired (their worker died). Each is marked queued and
         published now: concurrent sweeps never both take a job, and a job is
-        taken again only once `older_than_s` has passed anew. Returns each job's
-        id and queue, for the caller to publish."""
+        taken again only once `older_than_s` has passed anew. Returns them for
+        the caller to publish."""
         now = utcnow()
         lost_message = and_(Job.status == JobStatus.QUEUED,
                             Job.published_at < now - timedelta(seconds=older_than_s))
         lost_worker = and_(Job.status == JobStatus.RUNNING, _expired_lease(now))
         due = (
-            select(Job.id, Job.queue)
+            select(Job.id, Job.queue, Job.status)
             .where(or_(lost_message, lost_worker))
             .order_by(Job.published_at)
             .limit(limit)
@@ -269,12 +277,13 @@ class JobStore:
             .with_for_update(skip_locked=True)
         )
         with self._session() as session, session.begin():
-            jobs = [(job_id, QueueKind(queue)) for job_id, queue in session.execute(due)]
+            jobs = [Due(job_id, QueueKind(queue), status is JobStatus.RUNNING)
+                    for job_id, queue, status in session.execute(due)]
             if jobs:
                 # The attempt of a lost worker stays charged: a job that kills its
                 # worker every time must not run forever.
                 session.execute(
-                    update(Job).where(Job.id.in_([job_id for job_id, _ in jobs]))
+                    update(Job).where(Job.id.in_([job.job_id for job in jobs]))
                     .values(status=JobStatus.QUEUED, lease_id=None, lease_expires_at=None,
                             published_at=now)
                     .execution_options(synchronize_session=False)

@@ -21,6 +21,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from worker.celery_app import PagedqCelery
 from worker.client import BrokerUnavailable, publish
 from worker.db import is_transient
+from worker.schemas import QueueKind
 from worker.store import JobStore
 
 log = logging.getLogger(__name__)
@@ -38,12 +39,23 @@ class Sweeper:
         self._running: Future[None] | None = None
 
     def sweep(self) -> list[str]:
-        """Publish again one batch of jobs that are due; returns the ids sent."""
+        """Publish again one batch of jobs that are due; returns the ids sent.
+
+        A dead worker's jobs go to the resumed queues, drained first: they had
+        waited their turn. A job whose message went missing goes back to its own
+        queue: it cannot be told from one still waiting in a long backlog."""
         threshold = self.app.settings.republish_after_s
-        jobs = self.store.claim_republish(threshold, SWEEP_BATCH)
+        due = self.store.claim_republish(threshold, SWEEP_BATCH)
+        orphans = [(d.job_id, d.queue) for d in due if d.orphaned]
+        lost = [(d.job_id, d.queue) for d in due if not d.orphaned]
+        return (self._publish(orphans, True, "its worker was lost running it")
+                + self._publish(lost, False, f"still queued {threshold:g} s after its "
+                                             "last publish, its message may be lost"))
+
+    def _publish(self, jobs: list[tuple[str, QueueKind]], resumed: bool, why: str) -> list[str]:
         unsent: set[str] = set()
         try:
-            publish(self.app, jobs, resumed=True)
+            publish(self.app, jobs, resumed)
         except BrokerUnavailable as exc:
             unsent = set(exc.unsent)
             # Their message is still missing: the next sweep tries again.
@@ -51,8 +63,7 @@ class Sweeper:
             log.warning("%s; the next sweep tries again", exc)
         sent = [job_id for job_id, _ in jobs if job_id not in unsent]
         for job_id in sent:
-            log.info("job %s re-published: its lease expired, or it was still queued %g s "
-                     "after its last publish", job_id, threshold)
+            log.info("job %s re-published: %s", job_id, why)
         return sent
 
     def sweep_in_background(self) -> None:

@@ -1,8 +1,18 @@
 """Settings come from PAGEDQ_* variables; a bad one is named in the error."""
 
+import dataclasses
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
-from worker.settings import SettingsError, load_settings
+from engine.config import EngineConfig
+from worker.settings import Settings, SettingsError, load_settings
+
+REPO = Path(__file__).resolve().parents[2]
+# The engine knobs a worker deliberately does not offer (see worker/settings.py).
+NOT_WORKER_KNOBS = {"share_blocks"}
 
 
 def test_defaults_are_the_embedded_setup(monkeypatch):
@@ -27,6 +37,9 @@ def test_environment_variables_are_read(monkeypatch):
 @pytest.mark.parametrize(("name", "value"), [
     ("PAGEDQ_MAX_NUM_SEQS", "0"),
     ("PAGEDQ_BLOCK_SIZE", "12"),
+    ("PAGEDQ_GPU_MEMORY_UTILIZATION", "1.5"),
+    ("PAGEDQ_SWAP_SPACE_GIB", "nan"),
+    ("PAGEDQ_DTYPE", "int8"),
     ("PAGEDQ_PREEMPTION_MODE", "drop"),
     ("PAGEDQ_JOB_DEADLINE_S", "soon"),
     ("PAGEDQ_REPUBLISH_AFTER_S", "0"),
@@ -67,3 +80,42 @@ def test_cli_reports_bad_settings(monkeypatch, capsys):
     monkeypatch.setenv("PAGEDQ_MAX_ATTEMPTS", "-1")
     assert main(["migrate"]) == 2
     assert "PAGEDQ_MAX_ATTEMPTS" in capsys.readouterr().err
+
+
+def _engine_knobs() -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(EngineConfig) if f.name not in NOT_WORKER_KNOBS]
+
+
+def test_every_engine_knob_is_a_setting_with_its_default(monkeypatch):
+    # A knob added to EngineConfig shows up here without anyone writing it down twice.
+    for f in dataclasses.fields(EngineConfig):
+        monkeypatch.delenv(f"PAGEDQ_{f.name.upper()}", raising=False)
+    for f in _engine_knobs():
+        assert f.name in Settings.model_fields, f.name
+        assert Settings.model_fields[f.name].default == f.default, f.name
+    assert load_settings().engine_kwargs() == {f.name: f.default for f in _engine_knobs()}
+
+
+def test_every_engine_knob_is_read_from_the_environment(monkeypatch):
+    monkeypatch.setenv("PAGEDQ_GPU_MEMORY_UTILIZATION", "0.5")
+    monkeypatch.setenv("PAGEDQ_ENFORCE_EAGER", "true")
+    kwargs = load_settings().engine_kwargs()
+    assert kwargs["gpu_memory_utilization"] == 0.5 and kwargs["enforce_eager"] is True
+    assert EngineConfig(**kwargs).enforce_eager
+
+
+@pytest.mark.parametrize(("name", "value", "message"), [
+    ("PAGEDQ_BLOCK_SIZE", "12", "block_size must be a power of two, got 12"),
+    ("PAGEDQ_GPU_MEMORY_UTILIZATION", "1.5", "gpu_memory_utilization must be in (0, 1], got 1.5"),
+])
+def test_engine_rules_name_the_variable(monkeypatch, name, value, message):
+    monkeypatch.setenv(name, value)
+    with pytest.raises(SettingsError) as exc:
+        load_settings()
+    assert f"{name}: {message}" in str(exc.value)
+
+
+@pytest.mark.parametrize("module", ["worker.settings", "engine.config"])
+def test_importing_does_not_import_torch(module):
+    code = f"import sys, {module}; assert 'torch' not in sys.modules, 'torch was imported'"
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)

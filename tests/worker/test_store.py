@@ -12,7 +12,7 @@ from tests.worker.services import backdate
 from worker.models import Job, JobStatus
 from worker.records import ClaimOutcome, Completion, JobMetrics
 from worker.schemas import IdempotencyConflict, QueueKind, parse_job
-from worker.store import INSERT_CHUNK
+from worker.store import INSERT_CHUNK, Due
 
 LEASE_S = 30.0
 
@@ -187,7 +187,8 @@ def test_only_jobs_queued_long_after_their_publish_are_due(store):
     backdate(store, [queued, bulk, running, finished, cancelled, in_process])
     store.create([job()])  # queued, but its message has just gone out
     due = store.claim_republish(60, limit=100)
-    assert sorted(due) == sorted([(queued, QueueKind.INTERACTIVE), (bulk, QueueKind.BULK)])
+    assert sorted(due) == sorted([Due(queued, QueueKind.INTERACTIVE, False),
+                                  Due(bulk, QueueKind.BULK, False)])
     # Taken now: due again only once another threshold has passed.
     assert store.claim_republish(60, limit=100) == []
     assert store.get(queued).status is JobStatus.QUEUED
@@ -197,7 +198,7 @@ def test_due_jobs_come_oldest_first_a_batch_at_a_time(store):
     ids = [s.job_id for s in store.create([job() for _ in range(5)])]
     for age, job_id in enumerate(ids):
         backdate(store, [job_id], seconds=3600 - age)
-    batches = [[job_id for job_id, _ in store.claim_republish(60, limit=2)] for _ in range(4)]
+    batches = [[due.job_id for due in store.claim_republish(60, limit=2)] for _ in range(4)]
     assert batches == [ids[0:2], ids[2:4], ids[4:5], []]
 
 
@@ -211,16 +212,16 @@ def test_concurrent_sweeps_take_each_job_once(store):
         return store.claim_republish(60, limit=10)
 
     with ThreadPoolExecutor(8) as pool:
-        taken = [job_id for batch in pool.map(sweep, range(8)) for job_id, _ in batch]
+        taken = [due.job_id for batch in pool.map(sweep, range(8)) for due in batch]
     assert sorted(taken) == sorted(ids)
 
 
 def test_a_released_job_is_due_again_at_once(store):
     job_id = store.create([job()])[0].job_id
     backdate(store, [job_id])
-    assert store.claim_republish(60, limit=10) == [(job_id, QueueKind.INTERACTIVE)]
+    assert store.claim_republish(60, limit=10) == [Due(job_id, QueueKind.INTERACTIVE, False)]
     store.release_republish([job_id])
-    assert store.claim_republish(60, limit=10) == [(job_id, QueueKind.INTERACTIVE)]
+    assert store.claim_republish(60, limit=10) == [Due(job_id, QueueKind.INTERACTIVE, False)]
 
 
 def test_running_jobs_whose_lease_expired_are_due(store):
@@ -228,7 +229,7 @@ def test_running_jobs_whose_lease_expired_are_due(store):
     store.claim(lost, "killed", 3, lease_s=0.01)
     store.claim(live, "alive", 3, LEASE_S)
     time.sleep(0.02)
-    assert store.claim_republish(3600, limit=10) == [(lost, QueueKind.INTERACTIVE)]
+    assert store.claim_republish(3600, limit=10) == [Due(lost, QueueKind.INTERACTIVE, True)]
     record = store.get(lost)
     assert record.status is JobStatus.QUEUED and record.attempts == 1  # stays charged
     assert store.claim_republish(3600, limit=10) == []

@@ -67,9 +67,8 @@ def test_a_lost_message_is_sent_again_as_the_client_sent_it(client, caplog):
         assert sweeper.sweep() == [job_id]
     assert f"job {job_id} re-published" in caplog.text
     assert broker(client).llen(client.settings.interactive_queue) == 0
-    # Sent to the bulk queue's resumed jobs, which workers drain before new bulk jobs.
-    again = json.loads(broker(client).rpop(client.app.queue_name(QueueKind.BULK, resumed=True)))
-    assert essentials(again) == (*essentials(original)[:-1], f"{bulk}.resumed")
+    again = json.loads(broker(client).rpop(bulk))
+    assert essentials(again) == essentials(original)
     assert sweeper.sweep() == []  # at most once per threshold
 
 
@@ -90,7 +89,7 @@ def test_racing_sweepers_send_each_job_once(client):
         for store in stores:
             store.close()
     assert sorted(sent) == sorted(ids)
-    assert broker(client).llen(client.app.queue_name(QueueKind.INTERACTIVE, True)) == len(ids)
+    assert broker(client).llen(client.settings.interactive_queue) == len(ids)
 
 
 def test_a_failed_resend_is_tried_again_at_the_next_sweep(client, caplog):
@@ -129,3 +128,17 @@ def test_workers_drain_resumed_jobs_before_new_ones(client):
     assert client.app.queue_names() == [f"{interactive}.resumed", interactive,
                                         f"{bulk}.resumed", bulk]
     assert client.app.queue_names([QueueKind.BULK]) == [f"{bulk}.resumed", bulk]
+
+
+def test_a_dead_workers_job_goes_to_the_resumed_queue(client, caplog):
+    job_id = client.submit("orphan", {"max_tokens": 4}, queue="bulk")
+    bulk = client.settings.bulk_queue
+    original = json.loads(broker(client).rpop(bulk))  # taken by a worker that then died
+    assert client.store.claim(job_id, "killed", 3, lease_s=0.01).spec is not None
+    time.sleep(0.02)
+    with caplog.at_level(logging.INFO, logger="worker.sweeper"):
+        assert Sweeper(client.store, client.app).sweep() == [job_id]
+    assert f"job {job_id} re-published: its worker was lost" in caplog.text
+    assert broker(client).llen(bulk) == 0
+    again = json.loads(broker(client).rpop(client.app.queue_name(QueueKind.BULK, resumed=True)))
+    assert essentials(again) == (*essentials(original)[:-1], f"{bulk}.resumed")
