@@ -1,18 +1,29 @@
-"""Engine configuration: one validated record of every knob the engine reads."""
+"""Engine configuration: one validated record of every knob the engine reads.
 
+Torch-free, so that the worker's settings can be derived from it without
+importing torch; `engine.platform` turns the names into torch objects.
+"""
+
+import math
 from dataclasses import dataclass
 from typing import Literal
-
-import torch
 
 PreemptionMode = Literal["swap", "recompute"]
 AttentionBackend = Literal["auto", "torch", "triton"]
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# The names `dtype` accepts besides "auto"; each is an attribute of the torch module.
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
 # On a CPU there is no memory to profile: the pool gets this much unless
 # `num_device_blocks` says otherwise (vLLM's CPU backend defaults to 4 GiB too).
 CPU_KV_CACHE_GIB = 4.0
+
+
+def check_block_size(backend: str, block_size: int) -> None:
+    """The Triton kernels take blocks of 8 to 64 tokens. Checked here for an explicit
+    backend, and again by `engine.platform` once "auto" has become one."""
+    if backend == "triton" and not 8 <= block_size <= 64:
+        raise ValueError(f"block_size must be 8 to 64 with the triton backend, got {block_size}")
 
 
 @dataclass(slots=True)
@@ -35,22 +46,19 @@ class EngineConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.dtype != "auto" and self.dtype not in _DTYPES:
+        if self.dtype != "auto" and self.dtype not in DTYPE_NAMES:
             raise ValueError(
-                f"dtype must be 'auto' or one of {sorted(_DTYPES)}, got {self.dtype!r}"
+                f"dtype must be 'auto' or one of {sorted(DTYPE_NAMES)}, got {self.dtype!r}"
             )
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
-        if self.attention_backend == "triton" and not 8 <= self.block_size <= 64:
-            raise ValueError(
-                f"block_size must be 8 to 64 with the triton backend, got {self.block_size}"
-            )
+        check_block_size(self.attention_backend, self.block_size)
         if self.num_device_blocks is not None and self.num_device_blocks < 1:
             raise ValueError(f"num_device_blocks must be >= 1, got {self.num_device_blocks}")
-        if self.swap_space_gib < 0:
-            raise ValueError(f"swap_space_gib must be >= 0, got {self.swap_space_gib}")
+        if not 0 <= self.swap_space_gib < math.inf:
+            raise ValueError(f"swap_space_gib must be finite and >= 0, got {self.swap_space_gib}")
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         if self.max_num_batched_tokens < 1:
@@ -73,20 +81,3 @@ class EngineConfig:
                 f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
             )
 
-    @property
-    def torch_device(self) -> torch.device:
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        if self.dtype == "auto":
-            return torch.bfloat16 if self.torch_device.type == "cuda" else torch.float32
-        return _DTYPES[self.dtype]
-
-    @property
-    def resolved_attention_backend(self) -> str:
-        if self.attention_backend == "auto":
-            return "triton" if self.torch_device.type == "cuda" else "torch"
-        return self.attention_backend

@@ -23,6 +23,7 @@ from engine.model_loader import (
 )
 from engine.model_runner import ModelRunner
 from engine.outputs import EngineStats, RequestOutput, completions
+from engine.platform import resolve_attention_backend, resolve_device, resolve_dtype
 from engine.request_checks import Params, Prompt, RequestChecker
 from engine.sampler import Sampler
 from engine.sampling_params import SamplingParams
@@ -54,8 +55,9 @@ class LLMEngine:
         self.hf_config = load_config(self.model_path)
         self.tokenizer = load_tokenizer(self.model_path)
         self.max_model_len = resolve_max_model_len(self.hf_config, config.max_model_len)
-        device, dtype = config.torch_device, config.torch_dtype
-        backend = config.resolved_attention_backend
+        self.device = device = resolve_device(config)
+        self.dtype = dtype = resolve_dtype(config, device)
+        backend = resolve_attention_backend(config, device)
         model = load_model(self.model_path, self.hf_config, self.max_model_len, backend, dtype,
                            device)
         self.runner = ModelRunner(model, config.block_size, device)
@@ -100,13 +102,13 @@ class LLMEngine:
 
     def _size_device_pool(self, block_bytes: int) -> int:
         """CPU: a fixed budget. CUDA: what a maximal step leaves of gpu_memory_utilization."""
-        if self.config.torch_device.type != "cuda":
+        if self.device.type != "cuda":
             return max(int(CPU_KV_CACHE_GIB * 2**30 // block_bytes), 1)
         cfg = self.config
         peak = self.runner.profile_peak_memory(
             cfg.max_num_batched_tokens, self.max_model_len, cfg.max_num_seqs,
-            self.hf_config.num_key_value_heads, cfg.torch_dtype)
-        total = torch.cuda.get_device_properties(cfg.torch_device).total_memory
+            self.hf_config.num_key_value_heads, self.dtype)
+        total = torch.cuda.get_device_properties(self.device).total_memory
         budget = total * cfg.gpu_memory_utilization - peak
         logger.info("GPU memory: %.1f GiB total, %.2f GiB peak for a maximal step, "
                     "%.1f GiB for the KV pool", total / 2**30, peak / 2**30,

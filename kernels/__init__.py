@@ -1,10 +1,37 @@
 """Triton kernels for the paged KV cache, with plain-torch references in `reference`.
 
-The package knows nothing of the engine: tensors in, tensors out.
+The package knows nothing of the engine: tensors in, tensors out. Names are
+imported on first use, so that the torch backend, which needs only the plain-torch
+`swap_blocks`, runs where Triton is not installed (it is Linux-only). Take the
+functions from the package, not their modules: `import kernels.store_kv` binds the
+module, not the function, to the package's `store_kv`.
 """
 
-from kernels.copy_blocks import copy_blocks, swap_blocks
-from kernels.paged_attention import paged_attention
-from kernels.store_kv import store_kv
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+_HOMES = {
+    "copy_blocks": "kernels.copy_blocks",
+    "paged_attention": "kernels.paged_attention",
+    "store_kv": "kernels.store_kv",
+    "swap_blocks": "kernels.swap",
+}
 
 __all__ = ["copy_blocks", "paged_attention", "store_kv", "swap_blocks"]
+
+if TYPE_CHECKING:
+    from kernels.copy_blocks import copy_blocks
+    from kernels.paged_attention import paged_attention
+    from kernels.store_kv import store_kv
+    from kernels.swap import swap_blocks
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module 'kernels' has no attribute {name!r}")
+    # Importing a module binds it as an attribute of the package under its own name,
+    # which for three of them is the function's: bind the function last.
+    value = getattr(import_module(home), name)
+    globals()[name] = value
+    return value

@@ -11,7 +11,14 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Self, get_type_hints
 
-from pydantic import Field, SecretStr, ValidationError, create_model, field_validator, model_validator
+from pydantic import (
+    Field,
+    SecretStr,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from engine.config import EngineConfig
