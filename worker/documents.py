@@ -14,13 +14,18 @@ from pathlib import Path
 from typing import Any
 
 from worker.records import JobRecord
-from worker.schemas import GenerationParams, JobRequest, QueueKind, parse_job
+from worker.schemas import (
+    UNSTORABLE,
+    GenerationParams,
+    JobRequest,
+    QueueKind,
+    parse_job,
+    unstorable,
+)
 
 SAMPLING_FIELDS = frozenset(GenerationParams.model_fields)
 LINE_FIELDS = frozenset({"id", "prompt", "text", "priority"})
 DEFAULT_TEMPLATE = "{text}"
-# PostgreSQL stores neither NUL in text nor a lone surrogate (not encodable as UTF-8).
-_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 
 
 @dataclass(slots=True)
@@ -57,8 +62,8 @@ def check_template(template: str) -> str:
         raise ValueError(f"template: {exc}") from None
     if not fields or any(not name or name.isdigit() for name in fields):
         raise ValueError("template: use named fields of the input line, such as {text}")
-    if bad := _UNSTORABLE.search(template):
-        raise ValueError(f"template: contains {_describe_char(bad.group())}")
+    if (problem := unstorable(template)) is not None:
+        raise ValueError(f"template: {problem}")
     return template
 
 
@@ -170,8 +175,8 @@ def _unstorable(data: dict[str, Any]) -> str | None:
     pending: list[tuple[str, Any]] = [("", data)]
     while pending:
         where, item = pending.pop()
-        if isinstance(item, str) and (bad := _UNSTORABLE.search(item)):
-            return f"{where}: contains {_describe_char(bad.group())}"
+        if isinstance(item, str) and (problem := unstorable(item)) is not None:
+            return f"{where}: {problem}"
         if isinstance(item, dict):
             for key, child in reversed(item.items()):
                 child_path = f"{where}.{_printable(key)}" if where else _printable(key)
@@ -181,14 +186,8 @@ def _unstorable(data: dict[str, Any]) -> str | None:
     return None
 
 
-def _describe_char(char: str) -> str:
-    if char == "\x00":
-        return "a NUL character (\\u0000)"
-    return f"a lone surrogate (\\u{ord(char):04x})"
-
-
 def _printable(text: str) -> str:
-    return _UNSTORABLE.sub(lambda bad: f"\\u{ord(bad.group()):04x}", text)
+    return UNSTORABLE.sub(lambda bad: f"\\u{ord(bad.group()):04x}", text)
 
 
 def _unknown_field(key: str, allowed: frozenset[str]) -> str:

@@ -11,6 +11,7 @@ import dataclasses
 import enum
 import hashlib
 import json
+import re
 from typing import Any, Self, get_type_hints
 
 from pydantic import (
@@ -77,16 +78,24 @@ GenerationParams = create_model(
 )
 
 
+# PostgreSQL stores neither NUL in text nor a lone surrogate (not encodable as UTF-8).
+UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+
+
+def unstorable(text: str) -> str | None:
+    """What in `text` the database cannot store, said for an error message; None: fine."""
+    bad = UNSTORABLE.search(text)
+    if bad is None:
+        return None
+    char = bad.group()
+    what = "a NUL character" if char == "\x00" else "a lone surrogate"
+    return f"contains {what} (\\u{ord(char):04x})"
+
+
 def _check_text(text: str, field: str = "") -> None:
-    """Text must survive the trip through UTF-8 and a PostgreSQL text column.
-    `field`: the path to name when the caller's own location does not."""
-    if "\x00" in text:
-        raise _BrokenRule(field, "contains a NUL character, which cannot be stored")
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise _BrokenRule(field, f"contains a lone surrogate ({text[exc.start]!r} at "
-                                 f"character {exc.start})") from None
+    """`field`: the path to name when the caller's own location does not."""
+    if (problem := unstorable(text)) is not None:
+        raise _BrokenRule(field, problem)
 
 
 class JobRequest(BaseModel):
