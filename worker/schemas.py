@@ -24,7 +24,7 @@ from pydantic import (
     model_validator,
 )
 
-from engine.sampling_params import SamplingParams
+from engine import SamplingParams
 
 
 class QueueKind(enum.StrEnum):

@@ -21,7 +21,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from engine.config import EngineConfig
+from engine import EngineConfig
 
 ENV_PREFIX = "PAGEDQ_"
 
