@@ -55,6 +55,16 @@ class CachedBlock:
     tokens: tuple[int, ...]
 
 
+@dataclass(frozen=True, slots=True)
+class CachedPrefix:
+    """The cached full blocks a prompt can reuse, as `find_cached_prefix` found them."""
+
+    blocks: tuple[int, ...] = ()
+    num_tokens: int = 0
+    # Blocks of the prefix that sit in the free list: taking each uses up a free block.
+    num_free_blocks: int = 0
+
+
 class BlockManager:
     def __init__(
         self,
@@ -131,15 +141,23 @@ class BlockManager:
 
     def adopt_prefix(self, source: Sequence, seq: Sequence) -> None:
         """Share with `seq` the computed full blocks of `source` that hold its own first
-        tokens (always leaving `seq` a token to compute, so its step yields logits)."""
-        limit = min(source.num_computed_tokens, seq.num_tokens - 1)
-        common = 0
-        while common < limit and source.token_ids[common] == seq.token_ids[common]:
-            common += 1
-        seq.block_table = source.block_table[:common // self.block_size]
+        tokens."""
+        num_blocks = self.count_shared_blocks(source.token_ids, source.num_computed_tokens, seq)
+        seq.block_table = source.block_table[:num_blocks]
         for block in seq.block_table:
             self.device.incref(block)
-        seq.num_computed_tokens = len(seq.block_table) * self.block_size
+        seq.num_computed_tokens = num_blocks * self.block_size
+
+    def count_shared_blocks(self, tokens: list[int], num_computed_tokens: int,
+                            seq: Sequence) -> int:
+        """Full blocks of a sequence holding `tokens`, computed up to `num_computed_tokens`,
+        that also hold `seq`'s first tokens (always leaving `seq` a token to compute, so
+        its step yields logits)."""
+        limit = min(num_computed_tokens, seq.num_tokens - 1)
+        common = 0
+        while common < limit and tokens[common] == seq.token_ids[common]:
+            common += 1
+        return common // self.block_size
 
     def _allocate_device(self) -> int:
         block = self.device.allocate()
@@ -189,15 +207,16 @@ class BlockManager:
 
     # ---- prefix caching -----------------------------------------------------
 
-    def match_prefix(self, seq: Sequence) -> int:
-        """Reuse the cached blocks of the prompt's longest cached prefix; returns tokens hit.
+    def find_cached_prefix(self, seq: Sequence) -> CachedPrefix:
+        """The cached blocks of the prompt's longest cached prefix; changes nothing.
 
         At least one prompt token is left to compute so the step yields logits.
         """
         if not self.enable_prefix_caching or seq.block_table:
-            return 0
+            return CachedPrefix()
         tokens = seq.token_ids
         bs = self.block_size
+        blocks: list[int] = []
         parent: int | None = None
         block_hash: int | None = None
         for i in range((len(tokens) - 1) // bs):
@@ -210,13 +229,24 @@ class BlockManager:
             # A hash collision must never hand out another prefix's KV.
             if cached.parent != parent or cached.tokens != chunk:
                 break
-            self.device.incref(block)
-            seq.block_table.append(block)
+            blocks.append(block)
             parent = block
-        hit = len(seq.block_table) * bs
-        self.num_queried_tokens += len(tokens)
-        self.num_hit_tokens += hit
-        return hit
+        num_free = sum(1 for b in blocks if self.device.ref_counts[b] == 0)
+        return CachedPrefix(tuple(blocks), len(blocks) * bs, num_free)
+
+    def allocate_prefix(self, seq: Sequence, prefix: CachedPrefix) -> None:
+        """Take `prefix` for `seq`, which holds no blocks, and count the lookup in the hit
+        rate: once per admission, so a request waiting for room is not counted each step.
+
+        `prefix` must come from `find_cached_prefix` with no block taken or freed since.
+        """
+        for block in prefix.blocks:
+            self.device.incref(block)
+        seq.block_table = list(prefix.blocks)
+        seq.num_computed_tokens = prefix.num_tokens
+        if self.enable_prefix_caching:
+            self.num_queried_tokens += seq.num_tokens
+            self.num_hit_tokens += prefix.num_tokens
 
     def cache_full_blocks(self, seq: Sequence, num_new_tokens: int) -> None:
         """Register the blocks that the step's `num_new_tokens` fill.

@@ -12,7 +12,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from engine.block_manager import BlockManager
+from engine.block_manager import BlockManager, CachedPrefix
 from engine.config import EngineConfig
 from engine.sequence import Sequence, SequenceGroup, SequenceStatus
 
@@ -124,20 +124,24 @@ class Scheduler:
             seqs = self._recompute_shared(seqs)
             if len(seqs) == 1:
                 return [(seqs[0], min(seqs[0].num_uncomputed_tokens - 1, budget))]
-        needs = [s.num_uncomputed_tokens for s in seqs]
+        takes = self._split_budget([s.num_uncomputed_tokens for s in seqs], budget)
+        return [(seq, n) for seq, n in zip(seqs, takes, strict=True) if n > 0]
+
+    @staticmethod
+    def _split_budget(needs: list[int], budget: int) -> list[int]:
+        """Tokens each of a group's sequences computes this step, given what each needs."""
         if sum(needs) <= budget:
-            return list(zip(seqs, needs, strict=True))
-        if len(seqs) == 1:
-            return [(seqs[0], budget)]
+            return needs
+        if len(needs) == 1:
+            return [budget]
         # Several sequences (samples or beams) must reach their last token in the same
         # step to be sampled together, so a partial plan keeps one token back on each.
-        plan = []
-        for seq, need in zip(seqs, needs, strict=True):
-            take = min(need - 1, budget)
-            if take > 0:
-                plan.append((seq, take))
-                budget -= take
-        return plan
+        takes = []
+        for need in needs:
+            take = max(min(need - 1, budget), 0)
+            takes.append(take)
+            budget -= take
+        return takes
 
     def _recompute_shared(self, seqs: list[Sequence]) -> list[Sequence]:
         """Re-prefill a recomputed sample or beam group sharing what its sequences share.
@@ -276,23 +280,51 @@ class Scheduler:
                 self.waiting.popleft()
                 self._never_fits(group, out)
                 continue
-            # Siblings of a recomputed group share its first sequence's blocks later.
-            hit = self.bm.match_prefix(seqs[0])
-            seqs[0].num_computed_tokens = hit
-            group.metrics.num_cached_tokens = max(group.metrics.num_cached_tokens, hit)
-            plan = self._plan_tokens(group, budget)
-            if not plan or self._blocks_needed(plan) > self.bm.device.num_free:
-                for seq in seqs:
-                    self.bm.free(seq)
-                    seq.num_computed_tokens = 0
+            # Only the first sequence looks up the cache: the siblings of a recomputed group
+            # adopt its blocks (_recompute_shared).
+            prefix = self.bm.find_cached_prefix(seqs[0])
+            need = self._admission_blocks(group, prefix, budget)
+            if need is None or need > self.bm.device.num_free:
                 if self.bm.device.num_free == self.bm.device.num_blocks:
                     self.waiting.popleft()
                     self._never_fits(group, out)
                     continue
                 break
             self.waiting.popleft()
+            self.bm.allocate_prefix(seqs[0], prefix)
+            group.metrics.num_cached_tokens = max(group.metrics.num_cached_tokens,
+                                                  prefix.num_tokens)
             for seq in seqs:
                 seq.status = SequenceStatus.RUNNING
             self.running.append(group)
+            plan = self._plan_tokens(group, budget)
             budget -= self._commit(group, plan, out)
             num_seqs += len(plan)
+
+    def _admission_blocks(self, group: SequenceGroup, prefix: CachedPrefix,
+                          budget: int) -> int | None:
+        """Free device blocks a waiting group's first step uses, `prefix` included, found
+        without taking anything (None: no token of it fits the budget).
+
+        It is what _plan_tokens and _recompute_shared will plan once the prefix is taken,
+        worked out for a group that holds no blocks: the first sequence starts after its
+        cached prefix; when that leaves it one token, its siblings adopt what they share.
+        """
+        leader, *siblings = group.live_seqs()
+        starts = [prefix.num_tokens]
+        uncomputed = leader.num_tokens - prefix.num_tokens
+        if siblings and uncomputed > 1:
+            takes = [min(uncomputed - 1, budget)]
+        else:
+            bs = self.bm.block_size
+            starts += [self.bm.count_shared_blocks(leader.token_ids, prefix.num_tokens, s) * bs
+                       for s in siblings]
+            seqs = [leader, *siblings]
+            needs = [s.num_tokens - start for s, start in zip(seqs, starts, strict=True)]
+            takes = self._split_budget(needs, budget)
+        if not any(takes):
+            return None
+        # Every start is a whole number of blocks, all of them already held.
+        new = sum(self.bm.blocks_for(start + n) - self.bm.blocks_for(start)
+                  for start, n in zip(starts, takes, strict=True))
+        return prefix.num_free_blocks + new

@@ -108,17 +108,51 @@ def test_request_larger_than_the_pool_is_reported_not_run():
     assert not out.scheduled and bm.device.num_free == 2
 
 
+def _cached_then_freed(bm: BlockManager, tokens: list[int]) -> list[int]:
+    """Prefill `tokens` (registering their full blocks in the prefix cache), free them, and
+    return the blocks they held."""
+    seq = Sequence(0, list(tokens), prompt_len=len(tokens))
+    bm.allocate_slots(seq, len(tokens), [])
+    bm.cache_full_blocks(seq, len(tokens))
+    blocks = list(seq.block_table)
+    bm.free(seq)
+    return blocks
+
+
+def _state(bm: BlockManager) -> tuple:
+    return (list(bm.device.ref_counts), list(bm.device._free), dict(bm._cached),
+            dict(bm._by_hash), bm.num_queried_tokens, bm.num_hit_tokens)
+
+
 def test_prefix_cache_reuses_blocks_and_rejects_hash_collisions(monkeypatch):
     bm = BlockManager(block_size=4, num_device_blocks=16, num_cpu_blocks=0)
-    first = Sequence(0, list(range(10)), prompt_len=10)
-    bm.allocate_slots(first, 10, [])
-    bm.cache_full_blocks(first, 10)
-    first.num_computed_tokens = 10
-    bm.free(first)
+    _cached_then_freed(bm, list(range(10)))
     same = Sequence(1, list(range(9)) + [99], prompt_len=10)
-    assert bm.match_prefix(same) == 8  # two full blocks reused
+    prefix = bm.find_cached_prefix(same)
+    assert prefix.num_tokens == 8 and len(prefix.blocks) == 2  # two full blocks reused
+    bm.allocate_prefix(same, prefix)
+    assert same.block_table == list(prefix.blocks) and same.num_computed_tokens == 8
     bm.free(same)
     # Every block now hashes alike: the token check must refuse the cached block.
     monkeypatch.setattr(BlockManager, "hash_block", staticmethod(lambda parent, tokens: 0))
     other = Sequence(2, [50 + i for i in range(10)], prompt_len=10)
-    assert bm.match_prefix(other) == 0 and other.block_table == []
+    assert bm.find_cached_prefix(other).blocks == ()
+
+
+def test_finding_a_cached_prefix_changes_nothing_and_allocating_commits():
+    bm = BlockManager(block_size=4, num_device_blocks=8, num_cpu_blocks=0)
+    blocks = _cached_then_freed(bm, list(range(10)))
+    holder = Sequence(1, list(range(5)), prompt_len=5)  # holds the first cached block
+    bm.allocate_prefix(holder, bm.find_cached_prefix(holder))
+    seq = Sequence(2, list(range(9)) + [99], prompt_len=10)
+    before = _state(bm)
+    prefix = bm.find_cached_prefix(seq)
+    assert bm.find_cached_prefix(seq) == prefix
+    assert _state(bm) == before and seq.block_table == [] and seq.num_computed_tokens == 0
+    # The second block sits in the free list: taking it uses up a free block.
+    assert prefix.blocks == tuple(blocks[:2]) and prefix.num_free_blocks == 1
+    num_free, queried, hit = bm.device.num_free, bm.num_queried_tokens, bm.num_hit_tokens
+    bm.allocate_prefix(seq, prefix)
+    assert [bm.device.ref_counts[b] for b in prefix.blocks] == [2, 1]
+    assert bm.device.num_free == num_free - 1
+    assert (bm.num_queried_tokens, bm.num_hit_tokens) == (queried + 10, hit + 8)
