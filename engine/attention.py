@@ -1,12 +1,13 @@
-"""Attention over the paged KV cache: the step's metadata, the Triton backend (the
-kernels in `kernels/`), the cache writes, and the choice of backend. The torch
-backend lives in `engine/torch_attention.py`."""
+"""What every attention backend shares: the step's metadata and the backend contract.
 
+Imports no backend: `engine.torch_attention` and `engine.triton_attention` implement
+the contract, and `engine.attention_factory` picks one.
+"""
+
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
-
-from engine.torch_attention import DecodeGroup, TorchAttention
 
 
 @dataclass(slots=True)
@@ -26,32 +27,43 @@ class AttentionMetadata:
     num_decodes: int
     seq_lens_cpu: list[int]
     query_lens_cpu: list[int]
-    decode_groups: list[DecodeGroup] | None = None   # the torch backend's, made once
 
 
-class TritonAttention:
-    """The Triton paged-attention kernel: one launch for the whole mixed batch."""
+class AttentionBackend(ABC):
+    """Attention over the paged KV cache, and the block moves in that cache.
 
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                 k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
-                 scale: float) -> torch.Tensor:
-        from kernels import paged_attention
+    One object serves every layer; the caches are per layer [num_blocks,
+    block_size, num_kv_heads, head_dim], the pools [num_layers, 2, num_blocks, ...].
+    """
 
-        # The step's k and v were stored first: the kernel reads them from the cache.
-        return paged_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens,
-                               meta.query_start_loc, meta.max_query_len, meta.max_seq_len, scale)
+    # Whether a decode step can be replayed from a CUDA graph: `prepare` and
+    # `attend` then launch work of fixed shapes that reads only device tensors.
+    supports_cuda_graphs: bool = False
 
+    def __init__(self, block_size: int) -> None:
+        self.block_size = block_size
 
-def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-             slot_mapping: torch.Tensor, backend: str) -> None:
-    if backend == "triton":
-        from kernels import store_kv as triton_store_kv
+    @abstractmethod
+    def prepare(self, meta: AttentionMetadata) -> None:
+        """Build this step's plan from `meta`, once per forward, before any layer attends."""
 
-        triton_store_kv(k, v, k_cache, v_cache, slot_mapping)
-        return
-    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k)
-    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v)
+    @abstractmethod
+    def store_kv(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                 v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        """Write the step's k/v [num_tokens, num_kv_heads, head_dim] into their slots."""
 
+    @abstractmethod
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
+               scale: float) -> torch.Tensor:
+        """One layer's attention output [num_tokens, num_heads, head_dim], read from the
+        cache after `store_kv`, by the plan of the last `prepare`; changes no cache."""
 
-def make_attention(backend: str) -> TorchAttention | TritonAttention:
-    return TritonAttention() if backend == "triton" else TorchAttention()
+    @abstractmethod
+    def copy_blocks(self, kv_cache: torch.Tensor, pairs: torch.Tensor) -> None:
+        """Copy blocks inside one pool, every layer, K and V; pairs is [n, 2] (src, dst)."""
+
+    @abstractmethod
+    def swap_blocks(self, src_cache: torch.Tensor, dst_cache: torch.Tensor,
+                    pairs: torch.Tensor) -> None:
+        """Move blocks between the device pool and the CPU pool; pairs is [n, 2] (src, dst)."""

@@ -1,8 +1,9 @@
-"""The KV tensors: the device pool, the CPU swap pool and the copies between them."""
+"""The KV tensors: the device pool, the CPU swap pool and the copies between them
+(which the attention backend performs: it alone knows its kernels)."""
 
 import torch
 
-import kernels
+from engine.attention import AttentionBackend
 
 
 class CacheEngine:
@@ -11,7 +12,7 @@ class CacheEngine:
 
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, block_size: int,
                  num_device_blocks: int, num_cpu_blocks: int, dtype: torch.dtype,
-                 device: torch.device, backend: str) -> None:
+                 device: torch.device, backend: AttentionBackend) -> None:
         shape = (num_layers, 2, block_size, num_kv_heads, head_dim)
         self.backend = backend
         self.device_cache = torch.empty(_with_blocks(shape, num_device_blocks), dtype=dtype,
@@ -26,20 +27,17 @@ class CacheEngine:
 
     def swap_out(self, mapping: dict[int, int]) -> None:
         if mapping:
-            kernels.swap_blocks(self.device_cache, self.cpu_cache, _pairs(mapping))
+            self.backend.swap_blocks(self.device_cache, self.cpu_cache, _pairs(mapping))
 
     def swap_in(self, mapping: dict[int, int]) -> None:
         if mapping:
-            kernels.swap_blocks(self.cpu_cache, self.device_cache, _pairs(mapping))
+            self.backend.swap_blocks(self.cpu_cache, self.device_cache, _pairs(mapping))
 
     def copy(self, pairs_list: list[tuple[int, int]]) -> None:
         if not pairs_list:
             return
         pairs = torch.tensor(pairs_list, dtype=torch.int64, device=self.device_cache.device)
-        if self.backend == "triton":
-            kernels.copy_blocks(self.device_cache, pairs)
-        else:
-            self.device_cache[:, :, pairs[:, 1]] = self.device_cache[:, :, pairs[:, 0]]
+        self.backend.copy_blocks(self.device_cache, pairs)
 
 
 def _with_blocks(shape: tuple[int, ...], num_blocks: int) -> tuple[int, ...]:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 PreemptionMode = Literal["swap", "recompute"]
-AttentionBackend = Literal["auto", "torch", "triton"]
+AttentionBackendName = Literal["auto", "torch", "triton"]
 
 # The names `dtype` accepts besides "auto"; each is an attribute of the torch module.
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
@@ -40,7 +40,7 @@ class EngineConfig:
     preemption_mode: PreemptionMode = "swap"
     enable_prefix_caching: bool = True
     share_blocks: bool = True  # False copies every block on fork (to measure sharing)
-    attention_backend: AttentionBackend = "auto"
+    attention_backend: AttentionBackendName = "auto"
     gpu_memory_utilization: float = 0.9
     enforce_eager: bool = False
     seed: int = 0

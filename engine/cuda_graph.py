@@ -9,7 +9,7 @@ import logging
 
 import torch
 
-from engine.attention import AttentionMetadata
+from engine.attention import AttentionBackend, AttentionMetadata
 
 logger = logging.getLogger(__name__)
 
@@ -21,10 +21,11 @@ def batch_buckets(max_num_seqs: int) -> list[int]:
 
 
 class DecodeGraphs:
-    def __init__(self, model: torch.nn.Module, max_num_seqs: int, max_blocks_per_seq: int,
-                 max_model_len: int, hidden_size: int, dtype: torch.dtype,
-                 device: torch.device) -> None:
+    def __init__(self, model: torch.nn.Module, backend: AttentionBackend, max_num_seqs: int,
+                 max_blocks_per_seq: int, max_model_len: int, hidden_size: int,
+                 dtype: torch.dtype, device: torch.device) -> None:
         self.model = model
+        self.backend = backend
         self.buckets = batch_buckets(max_num_seqs)
         self.max_model_len = max_model_len
         n = self.buckets[-1]
@@ -47,7 +48,11 @@ class DecodeGraphs:
         )
 
     def _forward(self, b: int) -> None:
-        self.hidden[:b] = self.model(self.input_ids[:b], self.positions[:b], self._meta(b))
+        meta = self._meta(b)
+        # A graph-capable backend's plan reads only these static tensors, so the plan
+        # captured here stays valid for every replay.
+        self.backend.prepare(meta)
+        self.hidden[:b] = self.model(self.input_ids[:b], self.positions[:b], meta)
 
     @torch.inference_mode()
     def _capture(self) -> None:

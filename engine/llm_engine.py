@@ -9,6 +9,7 @@ import time
 import torch
 
 from engine import detokenizer
+from engine.attention_factory import make_backend
 from engine.beam_search import BeamStep
 from engine.block_manager import BlockManager
 from engine.cache_engine import CacheEngine
@@ -23,7 +24,7 @@ from engine.model_loader import (
 )
 from engine.model_runner import ModelRunner
 from engine.outputs import EngineStats, RequestOutput, completions
-from engine.platform import resolve_attention_backend, resolve_device, resolve_dtype
+from engine.platform import resolve_device, resolve_dtype
 from engine.request_checks import Params, Prompt, RequestChecker
 from engine.sampler import Sampler
 from engine.sampling_params import SamplingParams
@@ -57,10 +58,10 @@ class LLMEngine:
         self.max_model_len = resolve_max_model_len(self.hf_config, config.max_model_len)
         self.device = device = resolve_device(config)
         self.dtype = dtype = resolve_dtype(config, device)
-        backend = resolve_attention_backend(config, device)
+        backend = make_backend(config.attention_backend, device, config.block_size)
         model = load_model(self.model_path, self.hf_config, self.max_model_len, backend, dtype,
                            device)
-        self.runner = ModelRunner(model, config.block_size, device)
+        self.runner = ModelRunner(model, backend, config.block_size, device)
         hc = self.hf_config
         kv_heads, head_dim = hc.num_key_value_heads, model.head_dim
         block_bytes = CacheEngine.block_bytes(hc.num_hidden_layers, kv_heads, head_dim,
@@ -75,7 +76,7 @@ class LLMEngine:
         self.cache = CacheEngine(hc.num_hidden_layers, kv_heads, head_dim, config.block_size,
                                  num_device_blocks, num_cpu_blocks, dtype, device, backend)
         model.bind_kv_cache(self.cache.device_cache)
-        if device.type == "cuda" and backend == "triton" and not config.enforce_eager:
+        if device.type == "cuda" and backend.supports_cuda_graphs and not config.enforce_eager:
             try:
                 self.runner.capture_graphs(config.max_num_seqs, self.max_model_len,
                                            hc.hidden_size, dtype)

@@ -16,6 +16,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from engine.attention import AttentionBackend
 from engine.models.llama import RotaryEmbedding
 from engine.models.packed_linear import pack_linears
 from engine.models.registry import get_model_class
@@ -124,8 +125,9 @@ def _generation_eos(path: Path) -> int | list[int] | None:
     return GenerationConfig.from_pretrained(path).eos_token_id
 
 
-def load_model(path: Path, config: PretrainedConfig, max_len: int, backend: str,
-               dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
+def load_model(path: Path, config: PretrainedConfig, max_len: int,
+               backend: AttentionBackend, dtype: torch.dtype,
+               device: torch.device) -> torch.nn.Module:
     model_cls = get_model_class(getattr(config, "architectures", None))
     with torch.device("meta"):
         model = model_cls(config, max_len, backend)

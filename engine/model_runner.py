@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.attention import AttentionMetadata
+from engine.attention import AttentionBackend, AttentionMetadata
 from engine.cuda_graph import DecodeGraphs
 from engine.scheduler import ScheduledSeq
 
@@ -20,8 +20,10 @@ class ModelInput:
 
 
 class ModelRunner:
-    def __init__(self, model: torch.nn.Module, block_size: int, device: torch.device) -> None:
+    def __init__(self, model: torch.nn.Module, backend: AttentionBackend, block_size: int,
+                 device: torch.device) -> None:
         self.model = model
+        self.backend = backend
         self.block_size = block_size
         self.device = device
         self.graphs: DecodeGraphs | None = None
@@ -29,8 +31,8 @@ class ModelRunner:
     def capture_graphs(self, max_num_seqs: int, max_model_len: int, hidden_size: int,
                        dtype: torch.dtype) -> None:
         max_blocks = -(-max_model_len // self.block_size)
-        self.graphs = DecodeGraphs(self.model, max_num_seqs, max_blocks, max_model_len,
-                                   hidden_size, dtype, self.device)
+        self.graphs = DecodeGraphs(self.model, self.backend, max_num_seqs, max_blocks,
+                                   max_model_len, hidden_size, dtype, self.device)
 
     @torch.inference_mode()
     def profile_peak_memory(self, num_tokens: int, max_model_len: int, num_logits: int,
@@ -64,7 +66,7 @@ class ModelRunner:
         )
         ids = torch.zeros(num_tokens, dtype=torch.int64, device=self.device)
         positions = torch.cat([torch.arange(n, device=self.device) for n in seq_lens])
-        hidden = self.model(ids, positions, meta)
+        hidden = self._forward(ids, positions, meta)
         logits = self.model.compute_logits(hidden[:num_logits])
         torch.softmax(logits, dim=-1)  # the sampler's largest temporary
         torch.cuda.synchronize()
@@ -74,7 +76,7 @@ class ModelRunner:
         return peak
 
     def prepare(self, scheduled: list[ScheduledSeq]) -> ModelInput:
-        # Decodes first: the torch backend batches them into one attention call.
+        # Decodes first, as AttentionMetadata promises: a backend may batch them in one call.
         batch = sorted(scheduled, key=lambda s: s.num_tokens != 1)
         bs = self.block_size
         input_ids: list[int] = []
@@ -123,10 +125,15 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, scheduled: list[ScheduledSeq]) -> tuple[torch.Tensor, list[ScheduledSeq]]:
         inp = self.prepare(scheduled)
-        if self.graphs is not None and self.graphs.can_run(len(scheduled), inp.meta.max_query_len):
-            hidden = self.graphs.run(inp.input_ids, inp.positions, inp.meta)
-        else:
-            hidden = self.model(inp.input_ids, inp.positions, inp.meta)
+        hidden = self._forward(inp.input_ids, inp.positions, inp.meta)
         if not inp.sampled:
             return hidden.new_empty((0, 0)), []
         return self.model.compute_logits(hidden[inp.logits_indices]), inp.sampled
+
+    def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                 meta: AttentionMetadata) -> torch.Tensor:
+        self.backend.prepare(meta)  # once per forward, before any layer attends
+        if self.graphs is not None and self.graphs.can_run(len(meta.seq_lens_cpu),
+                                                           meta.max_query_len):
+            return self.graphs.run(input_ids, positions, meta)
+        return self.model(input_ids, positions, meta)

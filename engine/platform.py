@@ -1,4 +1,5 @@
-"""What an `EngineConfig` means on this machine: its device, dtype and attention backend.
+"""What an `EngineConfig` means on this machine: its device and dtype (the attention
+backend is `engine.attention_factory`'s choice).
 
 Kept apart from `engine.config` because the answers need torch (and CUDA's
 presence), while the config itself must stay importable without it.
@@ -6,7 +7,7 @@ presence), while the config itself must stay importable without it.
 
 import torch
 
-from engine.config import EngineConfig, check_block_size
+from engine.config import EngineConfig
 
 
 def resolve_device(config: EngineConfig) -> torch.device:
@@ -20,11 +21,3 @@ def resolve_dtype(config: EngineConfig, device: torch.device) -> torch.dtype:
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return getattr(torch, config.dtype)
 
-
-def resolve_attention_backend(config: EngineConfig, device: torch.device) -> str:
-    """For "auto": Triton on CUDA, torch elsewhere."""
-    if config.attention_backend != "auto":
-        return config.attention_backend
-    backend = "triton" if device.type == "cuda" else "torch"
-    check_block_size(backend, config.block_size)
-    return backend

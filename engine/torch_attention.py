@@ -9,13 +9,12 @@ kernel, several times slower than the flash kernel.
 """
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
-if TYPE_CHECKING:
-    from engine.attention import AttentionMetadata
+import kernels
+from engine.attention import AttentionBackend, AttentionMetadata
 
 # A decode group's padded slots may exceed its sequences' own by this fraction.
 MAX_PADDING = 0.25
@@ -34,7 +33,7 @@ class DecodeGroup:
     num_seqs: int
 
 
-def plan_decode_groups(meta: "AttentionMetadata", block_size: int) -> list[DecodeGroup]:
+def plan_decode_groups(meta: AttentionMetadata, block_size: int) -> list[DecodeGroup]:
     """Split the decodes, longest context first, into groups wasting little padding."""
     lens = meta.seq_lens_cpu[:meta.num_decodes]
     order = sorted(range(len(lens)), key=lambda i: -lens[i])
@@ -54,7 +53,7 @@ def plan_decode_groups(meta: "AttentionMetadata", block_size: int) -> list[Decod
     return [_decode_group(meta, rows, block_size) for rows in groups]
 
 
-def _decode_group(meta: "AttentionMetadata", rows: list[int] | None,
+def _decode_group(meta: AttentionMetadata, rows: list[int] | None,
                   block_size: int) -> DecodeGroup:
     d = meta.num_decodes
     if rows is None:
@@ -74,16 +73,31 @@ def _decode_group(meta: "AttentionMetadata", rows: list[int] | None,
     return DecodeGroup(index, slots, mask, n)
 
 
-class TorchAttention:
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                 k_cache: torch.Tensor, v_cache: torch.Tensor, meta: "AttentionMetadata",
-                 scale: float) -> torch.Tensor:
+class TorchBackend(AttentionBackend):
+    """Plain torch: the CPU backend, and a reference on CUDA."""
+
+    def __init__(self, block_size: int) -> None:
+        super().__init__(block_size)
+        self.decode_groups: list[DecodeGroup] = []  # the plan of the last `prepare`
+
+    def prepare(self, meta: AttentionMetadata) -> None:
+        # Every layer gathers the same slots: plan the decode groups once per step.
+        self.decode_groups = plan_decode_groups(meta, self.block_size)
+
+    def store_kv(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                 v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k)
+        v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
+               scale: float) -> torch.Tensor:
         d = meta.num_decodes
         if d == len(meta.seq_lens_cpu):
-            return self._decode(q, k_cache, v_cache, meta, scale)
+            return self._decode(q, k_cache, v_cache, scale)
         out = torch.empty_like(q)
         if d:
-            out[:d] = self._decode(q[:d], k_cache, v_cache, meta, scale)
+            out[:d] = self._decode(q[:d], k_cache, v_cache, scale)
         start = d
         for i in range(d, len(meta.seq_lens_cpu)):
             q_len, ctx = meta.query_lens_cpu[i], meta.seq_lens_cpu[i]
@@ -91,18 +105,22 @@ class TorchAttention:
             if q_len == ctx:  # a whole prompt: its K/V are this step's own
                 out[rows] = _attend(q[rows], k[rows], v[rows], scale)
             else:
-                table = meta.block_tables[i, :-(-ctx // k_cache.shape[1])].long()
+                table = meta.block_tables[i, :-(-ctx // self.block_size)].long()
                 out[rows] = _attend(q[rows], _gather(k_cache, table, ctx),
                                     _gather(v_cache, table, ctx), scale)
             start += q_len
         return out
 
-    @staticmethod
-    def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                meta: "AttentionMetadata", scale: float) -> torch.Tensor:
-        if meta.decode_groups is None:  # once per step, for every layer
-            meta.decode_groups = plan_decode_groups(meta, k_cache.shape[1])
-        groups = meta.decode_groups
+    def copy_blocks(self, kv_cache: torch.Tensor, pairs: torch.Tensor) -> None:
+        kv_cache[:, :, pairs[:, 1]] = kv_cache[:, :, pairs[:, 0]]
+
+    def swap_blocks(self, src_cache: torch.Tensor, dst_cache: torch.Tensor,
+                    pairs: torch.Tensor) -> None:
+        kernels.swap_blocks(src_cache, dst_cache, pairs)  # plain torch, no Triton
+
+    def _decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                scale: float) -> torch.Tensor:
+        groups = self.decode_groups
         if groups[0].rows is None:  # one group, in batch order
             return _attend_decodes(q, k_cache, v_cache, groups[0], scale)
         out = torch.empty_like(q)

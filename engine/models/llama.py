@@ -13,7 +13,7 @@ from torch import nn
 from transformers import PretrainedConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from engine.attention import AttentionMetadata, make_attention, store_kv
+from engine.attention import AttentionBackend, AttentionMetadata
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
@@ -71,7 +71,8 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class Attention(nn.Module):
-    def __init__(self, config: PretrainedConfig, head_dim: int, backend: str) -> None:
+    def __init__(self, config: PretrainedConfig, head_dim: int,
+                 backend: AttentionBackend) -> None:
         super().__init__()
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
@@ -82,8 +83,7 @@ class Attention(nn.Module):
         self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=bias)
         self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
         self.scale = head_dim**-0.5
-        self.backend = backend
-        self.attn = make_attention(backend)
+        self.backend = backend  # shared by every layer: it holds the step's plan
         self.k_cache = torch.empty(0)
         self.v_cache = torch.empty(0)
 
@@ -96,8 +96,8 @@ class Attention(nn.Module):
         qk = apply_rotary(qk, *rope)
         q, k = qk[:, :self.num_heads], qk[:, self.num_heads:]
         v = qkv[:, self.q_size + self.kv_size:].view(-1, self.num_kv_heads, self.head_dim)
-        store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping, self.backend)
-        o = self.attn(q, k, v, self.k_cache, self.v_cache, meta, self.scale)
+        self.backend.store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+        o = self.backend.attend(q, k, v, self.k_cache, self.v_cache, meta, self.scale)
         return self.o_proj(o.reshape(-1, self.q_size))
 
 
@@ -113,7 +113,8 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: PretrainedConfig, head_dim: int, backend: str) -> None:
+    def __init__(self, config: PretrainedConfig, head_dim: int,
+                 backend: AttentionBackend) -> None:
         super().__init__()
         self.self_attn = Attention(config, head_dim, backend)
         self.mlp = MLP(config)
@@ -133,7 +134,8 @@ class LlamaForCausalLM(nn.Module):
         "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
     }
 
-    def __init__(self, config: PretrainedConfig, max_len: int, backend: str) -> None:
+    def __init__(self, config: PretrainedConfig, max_len: int,
+                 backend: AttentionBackend) -> None:
         super().__init__()
         head_dim = (getattr(config, "head_dim", None)
                     or config.hidden_size // config.num_attention_heads)

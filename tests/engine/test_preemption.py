@@ -14,6 +14,7 @@ import torch
 
 from engine import BeamSearchParams, EngineConfig, LLMEngine, RequestOutput, SamplingParams
 from engine.cache_engine import CacheEngine
+from engine.torch_attention import TorchBackend
 
 # The random checkpoint's shape; the KV part sizes the CPU pool.
 LAYERS, KV_HEADS, HEAD_DIM, VOCAB = 2, 2, 16, 512
@@ -182,7 +183,7 @@ def test_outputs_survive_preemption_unchanged(model_dir, reference, kind, mode):
 def test_swap_round_trip_is_bit_exact(dtype, bits):
     cache = CacheEngine(num_layers=3, num_kv_heads=2, head_dim=8, block_size=4,
                         num_device_blocks=10, num_cpu_blocks=6, dtype=dtype,
-                        device=torch.device("cpu"), backend="torch")
+                        device=torch.device("cpu"), backend=TorchBackend(block_size=4))
     info = torch.iinfo(bits)
     generator = torch.Generator().manual_seed(0)
     # Random bit patterns: every exponent, subnormals, infinities and NaN payloads.

@@ -12,7 +12,7 @@ import torch
 
 import engine.torch_attention as torch_attention
 from engine.attention import AttentionMetadata
-from engine.torch_attention import TorchAttention, plan_decode_groups
+from engine.torch_attention import TorchBackend, plan_decode_groups
 from kernels.reference import paged_attention
 
 BLOCK_SIZE, KV_HEADS, HEADS, HEAD_DIM = 8, 2, 6, 16
@@ -57,14 +57,16 @@ def _batch(seq_lens: list[int], query_lens: list[int], seed: int = 0):
     return q, torch.stack(new_k), torch.stack(new_v), k_cache, v_cache, meta
 
 
-def _check(seq_lens: list[int], query_lens: list[int]) -> AttentionMetadata:
+def _check(seq_lens: list[int], query_lens: list[int]) -> TorchBackend:
     q, k, v, k_cache, v_cache, meta = _batch(seq_lens, query_lens)
-    out = TorchAttention()(q, k, v, k_cache, v_cache, meta, scale=0.25)
+    backend = TorchBackend(BLOCK_SIZE)
+    backend.prepare(meta)
+    out = backend.attend(q, k, v, k_cache, v_cache, meta, scale=0.25)
     want = paged_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens,
                            meta.query_start_loc, meta.max_query_len, meta.max_seq_len, 0.25)
     assert not out.isnan().any()
     torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
-    return meta
+    return backend
 
 
 @pytest.mark.parametrize("max_slots", [10**9, 64])
@@ -72,13 +74,12 @@ def test_mixed_batch_matches_the_reference(monkeypatch, max_slots):
     monkeypatch.setattr(torch_attention, "MAX_GROUP_SLOTS", max_slots)
     rng = random.Random(1)
     decodes = [rng.randint(1, 70) for _ in range(12)]
-    meta = _check(decodes + [40, 23], [1] * 12 + [9, 23])  # a chunk, then a whole prompt
-    assert len(meta.decode_groups) > (1 if max_slots == 64 else 0)
+    backend = _check(decodes + [40, 23], [1] * 12 + [9, 23])  # a chunk, then a whole prompt
+    assert len(backend.decode_groups) > (1 if max_slots == 64 else 0)
 
 
 def test_equal_lengths_make_one_unmasked_group_in_order():
-    meta = _check([17] * 5, [1] * 5)
-    (group,) = meta.decode_groups
+    (group,) = _check([17] * 5, [1] * 5).decode_groups
     assert group.rows is None and group.mask is None
 
 
