@@ -2,7 +2,7 @@
 
 import pytest
 import redis
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, select
 
 from tests.worker.services import engine_fields, free_port, purge_queues
 from worker.client import BrokerUnavailable, Client
@@ -80,15 +80,22 @@ def test_redis_down_at_submit_leaves_no_orphan(sqlite_url, tiny_llama_dir):
         assert job_count(down) == 0
 
 
-@pytest.fixture
-def pg_client(redis_url, new_pg_database, tiny_llama_dir):
-    """On PostgreSQL, whose types reject what SQLite would store."""
+@pytest.fixture(scope="module")
+def pg_url(new_pg_database):
     url = new_pg_database()
     run_alembic(url)
-    with Client(load_settings(**engine_fields(tiny_llama_dir, database_url=url,
+    return url
+
+
+@pytest.fixture
+def pg_client(redis_url, pg_url, tiny_llama_dir):
+    """On PostgreSQL, whose types reject what SQLite would store; emptied after each test."""
+    with Client(load_settings(**engine_fields(tiny_llama_dir, database_url=pg_url,
                                               max_prompt_token_ids=64, max_stop=4))) as c:
         yield c
         purge_queues(c)
+        with c.store.engine.begin() as db:
+            db.execute(delete(Job))
 
 
 @pytest.mark.parametrize(("kwargs", "field"), [

@@ -18,8 +18,11 @@ def test_job_survives_a_database_outage(redis_url, new_pg_database, tiny_llama_d
     proxy = TcpProxy((url.host, url.port or 5432))
     proxy.start()
     # The worker reaches PostgreSQL only through the proxy; the test talks to it directly.
+    # A short lease: the final write and the give-back both fail while the database is
+    # away, so the job comes back when its lease runs out.
     worker_fields = engine_fields(tiny_llama_dir, database_url=url.set(
-        host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False))
+        host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False),
+        lease_s=3, sweep_interval_s=1)
     client = Client(load_settings(**{**worker_fields, "database_url": direct}))
     worker = WorkerProcess(worker_fields, tmp_path, "outage")
     try:

@@ -11,10 +11,12 @@ from collections.abc import Callable
 
 from sqlalchemy import func, select
 
-from tests.worker.services import WorkerProcess, engine_fields, stack
+from tests.worker.services import WorkerProcess, engine_fields, purge_queues, stack
 from worker.client import Client, publish
+from worker.migrate import run_alembic
 from worker.models import JobStatus, Metrics, Output
 from worker.schemas import QueueKind
+from worker.settings import load_settings
 
 LONG = {"max_tokens": 900, "ignore_eos": True, "temperature": 0}
 
@@ -141,23 +143,25 @@ def test_a_worker_whose_engine_loop_died_gives_its_jobs_back_and_exits(
     hook.mkdir()
     (hook / "sitecustomize.py").write_text(KILL_THE_LOOP)
     python_path = os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")]))
-    with stack(fields, tmp_path, "healthy-first") as running:
-        client = running.client
-        running.worker.stop()  # the migrated database and client are what we need here
+    settings = load_settings(**fields)
+    run_alembic(settings.database_url)
+    with Client(settings) as client:
         dying = WorkerProcess(fields, tmp_path, "dying", extra_env={"PYTHONPATH": python_path})
-        dying.start(client)
-        job_id = client.submit("outlives its worker", {"max_tokens": 8, "temperature": 0})
-        assert dying.process is not None
-        code = dying.process.wait(timeout=120)
-        assert code != 0, dying.log_tail()
-        assert "engine loop died" in dying.log_tail(20_000)
-        # Given back uncharged: the loop's death was not the job's fault.
         rescuer = WorkerProcess(fields, tmp_path, "rescuer")
         try:
+            dying.start(client)
+            job_id = client.submit("outlives its worker", {"max_tokens": 8, "temperature": 0})
+            assert dying.process is not None
+            code = dying.process.wait(timeout=120)
+            assert code != 0, dying.log_tail()
+            assert "engine loop died" in dying.log_tail(20_000)
+            # Given back uncharged: the loop's death was not the job's fault.
             rescuer.start(client)
             record = client.wait(job_id, timeout=90)
         finally:
+            dying.stop()
             rescuer.stop()
+            purge_queues(client)
         assert record.status is JobStatus.SUCCEEDED and record.attempts == 1
         assert record.worker == rescuer.hostname
         assert result_sets(client, [job_id]) == ({job_id: 1}, {job_id: 1})
