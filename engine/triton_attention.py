@@ -16,9 +16,8 @@ class TritonBackend(AttentionBackend):
     supports_cuda_graphs = True
 
     def prepare(self, meta: AttentionMetadata) -> None:
-        # Nothing to plan: the kernel reads the metadata's device tensors as they are,
-        # which is also what lets a CUDA graph replay it with new contents.
-        pass
+        """Nothing to plan: the kernel reads the metadata's device tensors as they are,
+        which is also what lets a CUDA graph replay it with new contents."""
 
     def store_kv(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                  v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:

@@ -24,6 +24,7 @@ from worker.executor import RESULT_GRACE_S, JobRunner
 from worker.migrate import check_current
 from worker.store import JobStore
 from worker.sweeper import Sweeper
+from worker.tasks import register_tasks
 
 log = logging.getLogger(__name__)
 
@@ -112,5 +113,7 @@ def cancel_job(state: Any, job_id: str) -> dict[str, str]:
 
 
 def install(app: PagedqCelery) -> None:
+    """Make `app` a worker: the task, the engine and the sweep."""
+    register_tasks(app)
     app.steps["worker"].add(EngineStep)
     app.steps["worker"].add(SweepStep)

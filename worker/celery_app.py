@@ -82,7 +82,4 @@ def create_app(settings: Settings) -> PagedqCelery:
         # Redis anyway; let running jobs finish instead of warning about it.
         worker_cancel_long_running_tasks_on_connection_loss=False,
     )
-    from worker.tasks import register_tasks
-
-    register_tasks(app)
     return app

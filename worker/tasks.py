@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
 
 from celery import Task
 from celery.exceptions import Reject
 
+from worker.celery_app import TASK_NAME, PagedqCelery
 from worker.executor import is_retryable
 from worker.models import JobStatus
-
-if TYPE_CHECKING:
-    from worker.celery_app import PagedqCelery
 
 log = logging.getLogger(__name__)
 
@@ -25,8 +22,6 @@ class JobFailed(Exception):
 
 
 def register_tasks(app: PagedqCelery) -> None:
-    from worker.celery_app import TASK_NAME
-
     # max_retries=None: while the database is away the job keeps waiting for it
     # rather than being dropped; the attempts counter bounds real reruns.
     @app.task(bind=True, name=TASK_NAME, max_retries=None)
