@@ -1,8 +1,9 @@
 """Helpers shared by the benchmark scripts: the machine's name, timing, markdown
-tables and randomly initialised checkpoints of known shapes."""
+tables, progress lines, and randomly initialised checkpoints of known shapes."""
 
 import os
 import platform
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -14,6 +15,7 @@ T = TypeVar("T")
 
 # Shapes of the random checkpoints (Llama architecture). "smollm2" is SmolLM2-135M's;
 # "llama-1b" is a ~1.1B-parameter Llama (Llama-3.2-1B's body with a 32k vocabulary).
+# "tiny" and "tiny-32k" are one small layer, so that a step's time is mostly host overhead.
 RANDOM_MODELS: dict[str, dict] = {
     "smollm2": dict(
         hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
@@ -27,7 +29,14 @@ RANDOM_MODELS: dict[str, dict] = {
         max_position_embeddings=4096, rope_parameters={"rope_theta": 500000.0,
                                                        "rope_type": "default"},
     ),
+    "tiny": dict(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, vocab_size=512, tie_word_embeddings=False,
+        max_position_embeddings=2048, rope_parameters={"rope_theta": 10000.0,
+                                                       "rope_type": "default"},
+    ),
 }
+RANDOM_MODELS["tiny-32k"] = {**RANDOM_MODELS["tiny"], "vocab_size": 32000}
 
 
 def resolve_device(device: str) -> torch.device:
@@ -96,3 +105,16 @@ def build_random_checkpoint(shape: str, path: Path, dtype: torch.dtype,
         model = LlamaForCausalLM(config).to(dtype)
     model.save_pretrained(path)
     return path
+
+
+def log(message: str) -> None:
+    """A timestamped progress line on stderr (stdout holds only the report)."""
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def print_report(report: str, out: Path | None) -> None:
+    """Print the report; with `out`, also write exactly what was printed there."""
+    print(report, end="" if report.endswith("\n") else "\n", flush=True)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(report if report.endswith("\n") else report + "\n")

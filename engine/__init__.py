@@ -16,12 +16,13 @@ _HOMES = {
     "LLMEngine": "engine.llm_engine",
     "RequestMetrics": "engine.sequence",
     "RequestOutput": "engine.outputs",
+    "RequestOutputKind": "engine.sampling_params",
     "SamplingParams": "engine.sampling_params",
 }
 
 __all__ = [
     "LLM", "BeamSearchParams", "CompletionOutput", "EngineConfig", "EngineStats", "LLMEngine",
-    "RequestMetrics", "RequestOutput", "SamplingParams",
+    "RequestMetrics", "RequestOutput", "RequestOutputKind", "SamplingParams",
 ]
 
 if TYPE_CHECKING:
@@ -29,7 +30,7 @@ if TYPE_CHECKING:
     from engine.llm import LLM
     from engine.llm_engine import LLMEngine
     from engine.outputs import CompletionOutput, EngineStats, RequestOutput
-    from engine.sampling_params import BeamSearchParams, SamplingParams
+    from engine.sampling_params import BeamSearchParams, RequestOutputKind, SamplingParams
     from engine.sequence import RequestMetrics
 
 

@@ -9,7 +9,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from engine.sequence import Sequence, SequenceGroup, SequenceStatus
+from engine.sequence import Sequence, SequenceGroup
 
 
 class BlockPool:
@@ -80,8 +80,12 @@ class BlockManager:
         self.enable_prefix_caching = enable_prefix_caching
         # Off only to measure what sharing saves: forks then copy every block.
         self.share_blocks = share_blocks
+        self._on_cpu: set[int] = set()  # ids of the sequences whose table is in `cpu`
         self._cached: dict[int, CachedBlock] = {}
         self._by_hash: dict[int, int] = {}
+        # Sequences whose block table changed since the last `take_changed`: the runner
+        # rewrites only their rows of its persistent block-table array.
+        self._changed: dict[int, Sequence] = {}
         self.num_cow_copies = 0
         self.num_queried_tokens = 0
         self.num_hit_tokens = 0
@@ -103,6 +107,11 @@ class BlockManager:
         last = seq.block_table[seq.num_computed_tokens // self.block_size]
         return self.device.ref_counts[last] > 1
 
+    def take_changed(self) -> dict[int, Sequence]:
+        """The sequences (by id) whose block table changed since the last call."""
+        changed, self._changed = self._changed, {}
+        return changed
+
     # ---- allocation ---------------------------------------------------------
 
     def allocate_slots(self, seq: Sequence, num_new_tokens: int,
@@ -119,18 +128,24 @@ class BlockManager:
             seq.block_table[idx] = dst
             copies.append((src, dst))
             self.num_cow_copies += 1
+            self._changed[seq.seq_id] = seq
         target = self.blocks_for(seq.num_computed_tokens + num_new_tokens)
-        while len(seq.block_table) < target:
-            seq.block_table.append(self._allocate_device())
+        if len(seq.block_table) < target:
+            self._changed[seq.seq_id] = seq
+            while len(seq.block_table) < target:
+                seq.block_table.append(self._allocate_device())
 
     def free(self, seq: Sequence) -> None:
-        pool = self.cpu if seq.status is SequenceStatus.SWAPPED else self.device
+        pool = self.cpu if seq.seq_id in self._on_cpu else self.device
+        self._on_cpu.discard(seq.seq_id)
         for block in seq.block_table:
             pool.decref(block)
         seq.block_table = []
+        self._changed[seq.seq_id] = seq
 
     def fork(self, parent: Sequence, child: Sequence, copies: list[tuple[int, int]]) -> None:
         """Give `child` the parent's blocks: shared, or (sharing off) copied into its own."""
+        self._changed[child.seq_id] = child
         if not self.share_blocks and self.device.num_free >= len(parent.block_table):
             child.block_table = [self._allocate_device() for _ in parent.block_table]
             copies.extend(zip(parent.block_table, child.block_table, strict=True))
@@ -144,6 +159,7 @@ class BlockManager:
         tokens."""
         num_blocks = self.count_shared_blocks(source.token_ids, source.num_computed_tokens, seq)
         seq.block_table = source.block_table[:num_blocks]
+        self._changed[seq.seq_id] = seq
         for block in seq.block_table:
             self.device.incref(block)
         seq.num_computed_tokens = num_blocks * self.block_size
@@ -179,10 +195,12 @@ class BlockManager:
 
     def swap_out(self, group: SequenceGroup, moved: dict[int, int] | None = None
                  ) -> dict[int, int]:
+        self._on_cpu.update(s.seq_id for s in group.live_seqs())
         return self._move(group, self.device, self.cpu, self.cpu.allocate, moved)
 
     def swap_in(self, group: SequenceGroup, moved: dict[int, int] | None = None
                 ) -> dict[int, int]:
+        self._on_cpu.difference_update(s.seq_id for s in group.live_seqs())
         return self._move(group, self.cpu, self.device, self._allocate_device, moved)
 
     def _move(self, group: SequenceGroup, src: BlockPool, dst: BlockPool,
@@ -203,6 +221,7 @@ class BlockManager:
                 src.decref(block)
                 new_table.append(mapping[block])
             seq.block_table = new_table
+            self._changed[seq.seq_id] = seq
         return {b: mapping[b] for b in mapping if not moved or b not in moved}
 
     # ---- prefix caching -----------------------------------------------------
@@ -244,6 +263,7 @@ class BlockManager:
             self.device.incref(block)
         seq.block_table = list(prefix.blocks)
         seq.num_computed_tokens = prefix.num_tokens
+        self._changed[seq.seq_id] = seq
         if self.enable_prefix_caching:
             self.num_queried_tokens += seq.num_tokens
             self.num_hit_tokens += prefix.num_tokens

@@ -28,6 +28,15 @@ def update(tokenizer: PreTrainedTokenizerBase, seq: Sequence) -> str:
     return new
 
 
+def decode_output(tokenizer: PreTrainedTokenizerBase, prompt_token_ids: list[int],
+                  output_token_ids: list[int]) -> str:
+    """A whole output's text at once, decoded in the prompt's context as `update` does."""
+    context = prompt_token_ids[-_CONTEXT_TOKENS:]
+    prefix = tokenizer.decode(context, skip_special_tokens=True)
+    full = tokenizer.decode(context + output_token_ids, skip_special_tokens=True)
+    return full[len(prefix):]
+
+
 def find_stop(seq: Sequence, new_text: str, stops: list[str]) -> str | None:
     """If a stop string now appears, cut the text before it and return the string."""
     if not new_text or not stops:

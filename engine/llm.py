@@ -1,12 +1,14 @@
 """LLM: the offline entry point, generate and beam_search over a list of prompts."""
 
+from dataclasses import replace
+
 from tqdm import tqdm
 
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutput
 from engine.request_checks import Prompt
-from engine.sampling_params import BeamSearchParams, SamplingParams
+from engine.sampling_params import BeamSearchParams, RequestOutputKind, SamplingParams
 
 
 class LLM:
@@ -29,7 +31,10 @@ class LLM:
             params = [params or SamplingParams()] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"got {len(params)} SamplingParams for {len(prompts)} prompts")
-        return self._run(prompts, params, use_tqdm)
+        # Only the final outputs are read: the engine skips the reports in between.
+        final = {id(p): replace(p, output_kind=RequestOutputKind.FINAL_ONLY)
+                 for p in params if isinstance(p, SamplingParams)}
+        return self._run(prompts, [final.get(id(p), p) for p in params], use_tqdm)
 
     def beam_search(self, prompts: Prompt | list[Prompt], params: BeamSearchParams,
                     use_tqdm: bool = False) -> list[RequestOutput]:

@@ -10,7 +10,6 @@ import torch
 
 from engine import detokenizer
 from engine.attention_factory import make_backend
-from engine.beam_search import BeamStep
 from engine.block_manager import BlockManager
 from engine.cache_engine import CacheEngine
 from engine.config import CPU_KV_CACHE_GIB, EngineConfig
@@ -27,13 +26,11 @@ from engine.outputs import EngineStats, RequestOutput, completions
 from engine.platform import resolve_device, resolve_dtype
 from engine.request_checks import Params, Prompt, RequestChecker
 from engine.sampler import Sampler
-from engine.sampling_params import SamplingParams
-from engine.scheduler import ScheduledSeq, Scheduler
+from engine.sampling_params import RequestOutputKind, SamplingParams
+from engine.scheduler import SamplePlan, ScheduledSeq, Scheduler, StepResult
 from engine.seq_factory import SequenceFactory
-from engine.sequence import Sequence, SequenceGroup, SequenceStatus
+from engine.sequence import SequenceGroup, SequenceStatus
 from engine.step_isolation import (
-    SamplePlan,
-    StepResult,
     bisect_failures,
     compute_tokens,
     concat_parts,
@@ -43,6 +40,7 @@ from engine.step_isolation import (
     merge,
     plan_samples,
 )
+from engine.stop_checker import StopChecker
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +59,8 @@ class LLMEngine:
         backend = make_backend(config.attention_backend, device, config.block_size)
         model = load_model(self.model_path, self.hf_config, self.max_model_len, backend, dtype,
                            device)
-        self.runner = ModelRunner(model, backend, config.block_size, device)
+        self.runner = ModelRunner(model, backend, config.block_size, self.max_model_len,
+                                  device)
         hc = self.hf_config
         kv_heads, head_dim = hc.num_key_value_heads, model.head_dim
         block_bytes = CacheEngine.block_bytes(hc.num_hidden_layers, kv_heads, head_dim,
@@ -83,20 +82,20 @@ class LLMEngine:
             except RuntimeError as exc:  # graphs are an optimisation: serve eagerly instead
                 logger.warning("CUDA graph capture failed, running eager: %s", exc)
                 self.runner.graphs = None
-        self.block_manager = BlockManager(config.block_size, num_device_blocks, num_cpu_blocks,
-                                          config.enable_prefix_caching, config.share_blocks)
-        self.scheduler = Scheduler(config, self.block_manager)
-        self.checker = RequestChecker(config, self.model_path, hc.vocab_size,
-                                      self.max_model_len, self.tokenizer, self.block_manager)
         self.eos_token_ids = load_eos_token_ids(self.model_path, self.hf_config,
                                                 self.tokenizer)
         self.sampler = Sampler(self.eos_token_ids)
         self.seq_factory = SequenceFactory(device, self.tokenizer, self.eos_token_ids,
-                                    self.block_manager, self.scheduler, config.seed)
+                                           config.seed)
+        self.scheduler = Scheduler(
+            config, num_device_blocks, num_cpu_blocks, self.seq_factory,
+            StopChecker(self.eos_token_ids, self.max_model_len, self.tokenizer))
+        self.checker = RequestChecker(config, self.model_path, hc.vocab_size,
+                                      self.max_model_len, self.tokenizer, self.block_manager)
         self.requests: dict[str, SequenceGroup] = {}
+        self._num_deadlines = 0  # requests with a deadline: none, no clock to check
         self._aborted: list[SequenceGroup] = []
-        self._counters = {"num_prompt_tokens": 0, "num_generated_tokens": 0,
-                          "peak_num_running": 0, "peak_device_blocks_used": 0,
+        self._counters = {"peak_num_running": 0, "peak_device_blocks_used": 0,
                           "num_steps": 0}
 
     # ---- set-up -------------------------------------------------------------
@@ -132,6 +131,11 @@ class LLMEngine:
 
     def get_tokenizer(self):
         return self.tokenizer
+
+    @property
+    def block_manager(self) -> BlockManager:
+        """The scheduler's block manager (read it; the scheduler changes it)."""
+        return self.scheduler.bm
 
     # ---- requests -------------------------------------------------------------
 
@@ -172,6 +176,7 @@ class LLMEngine:
 
     def _enqueue(self, group: SequenceGroup) -> None:
         self.requests[group.request_id] = group
+        self._num_deadlines += group.deadline is not None
         self.scheduler.add(group)
 
     def abort_request(self, request_id: str, reason: str | None = None) -> None:
@@ -191,29 +196,33 @@ class LLMEngine:
     # ---- one step -------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        self._expire_deadlines()
-        # Forks made while sampling the last step, before anything can move their blocks.
-        self.cache.copy(self.seq_factory.copies)
-        self.seq_factory.copies.clear()
+        if self._num_deadlines:
+            self._expire_deadlines()
         sched = self.scheduler.schedule()
         for group in sched.never_fit:
             self.abort_request(group.request_id, group.abort_reason)
+        # Forks made while sampling the last step, before anything can move their blocks.
+        self.cache.copy(sched.fork_copies)
         self.cache.swap_out(sched.blocks_to_swap_out)
         self.cache.swap_in(sched.blocks_to_swap_in)
         self.cache.copy(sched.blocks_to_copy)
-        touched: dict[str, SequenceGroup] = {}
+        self.runner.sync_block_tables(sched.changed_tables)
         c, bm = self._counters, self.block_manager
-        c["peak_num_running"] = max(c["peak_num_running"], self.scheduler.num_running_seqs())
+        # An upper bound first: counting live sequences exactly is rarely needed.
+        if sum(len(g.seqs) for g in self.scheduler.running) > c["peak_num_running"]:
+            c["peak_num_running"] = max(c["peak_num_running"],
+                                        self.scheduler.num_running_seqs())
         c["peak_device_blocks_used"] = max(c["peak_device_blocks_used"],
                                            bm.device.num_blocks - bm.device.num_free)
+        updated: list[SequenceGroup] = []
         if sched.scheduled:
-            self._run(sched.scheduled, touched)
-            self._counters["num_steps"] += 1
+            updated = self._run(sched.scheduled)
+            c["num_steps"] += 1
         elif not (sched.preempted or self._aborted) and self.scheduler.has_unfinished():
             self._abort_stuck()
-        outputs = [self._finish_or_report(g) for g in touched.values()]
+        outputs = [out for g in updated if (out := self._report(g)) is not None]
         for group in self._aborted:
-            outputs.append(self._finish_or_report(group))
+            outputs.append(self._report(group))
         self._aborted.clear()
         return outputs
 
@@ -233,34 +242,26 @@ class LLMEngine:
             f"{cfg.max_num_seqs}, max_num_batched_tokens {cfg.max_num_batched_tokens}, "
             f"{self.block_manager.device.num_blocks} device blocks)"))
 
-    def _run(self, scheduled: list[ScheduledSeq], touched: dict[str, SequenceGroup]) -> None:
-        """Run the model, compute the next tokens, apply them. A request whose forward or
-        sampling raises is aborted alone; the others get the tokens they would get
-        without it."""
+    def _run(self, scheduled: list[ScheduledSeq]) -> list[SequenceGroup]:
+        """Run the model, compute the next tokens, apply them; return the requests that
+        got tokens. A request whose forward or sampling raises is aborted alone; the
+        others get the tokens they would get without it."""
         try:
             logits, sampled = self.runner.execute(scheduled)
         except Exception as exc:
             logits, sampled = self._execute_isolated(scheduled, exc)
-        self._advance(scheduled)
-        plans, failed = plan_samples(sampled, self.seq_factory)
+        self.scheduler.advance(scheduled)
+        plans, failed = plan_samples(sampled, self.scheduler)
         for group, exc in failed:
             self._abort_failed(group, exc)
         try:
             results = compute_tokens(plans, logits, self.sampler, self.max_model_len)
         except Exception as exc:
             results = self._compute_isolated(plans, logits, exc)
-        now = time.time()
-        for plan in plans:
-            group = plan.group
-            result = results.get(group.request_id)
-            if result is None:
-                continue
-            try:
-                self._apply(plan, result, now)
-            except Exception as exc:
-                self._abort_failed(group, exc)
-                continue
-            touched[group.request_id] = group
+        updated, failed = self.scheduler.update_from_output(plans, results, time.time())
+        for group, exc in failed:
+            self._abort_failed(group, exc)
+        return updated
 
     def _execute_isolated(self, scheduled: list[ScheduledSeq], error: Exception
                           ) -> tuple[torch.Tensor, list[ScheduledSeq]]:
@@ -275,9 +276,7 @@ class LLMEngine:
             raise error
         lost, readers = lost_blocks(scheduled, [g for g, _ in failed],
                                     self.config.block_size)
-        self.block_manager.uncache(lost)
-        for group in readers:
-            self.scheduler.restart(group)
+        self.scheduler.drop_unwritten(lost, readers)
         for group, exc in failed:
             self._abort_failed(group, exc)
         return concat_parts(parts)
@@ -296,60 +295,14 @@ class LLMEngine:
                      exc_info=exc)
         self.abort_request(group.request_id, f"engine error: {exc!r}")
 
-    def _advance(self, scheduled: list[ScheduledSeq]) -> None:
-        for entry in scheduled:
-            seq = entry.seq
-            if seq.status is not SequenceStatus.RUNNING:  # aborted or restarted this step
-                continue
-            before = seq.num_computed_tokens
-            seq.num_computed_tokens += entry.num_tokens
-            self._counters["num_prompt_tokens"] += max(
-                min(seq.num_computed_tokens, seq.prompt_len) - before, 0)
-
-    def _apply(self, plan: SamplePlan, result: StepResult, now: float) -> None:
-        group = plan.group
-        if group.metrics.first_token_time is None:
-            group.metrics.first_token_time = now
-        if isinstance(result, BeamStep):
-            self.seq_factory.step_beams(group, result)
-            self._counters["num_generated_tokens"] += len(group.seqs)
-            return
-        for seq, res in zip(plan.seqs, result, strict=True):
-            self._append_token(seq, group.params, res.token_id, res.logprob, res.top_logprobs)
-
-    def _append_token(self, seq: Sequence, p: SamplingParams, token: int, logprob: float,
-                      top: dict[int, float] | None) -> None:
-        seq.token_ids.append(token)
-        seq.cumulative_logprob += logprob
-        if p.logprobs is not None:
-            seq.logprobs.append(top or {token: logprob})
-        self._counters["num_generated_tokens"] += 1
-        new_text = detokenizer.update(self.tokenizer, seq) if seq.detok else ""
-        status, reason = self._check_stop(seq, p, token, new_text)
-        if status is not None:
-            self.scheduler.free_seq(seq)
-            seq.status = status
-            seq.stop_reason = reason
-
-    def _check_stop(self, seq: Sequence, p: SamplingParams, token: int, new_text: str):
-        stop = SequenceStatus.FINISHED_STOPPED
-        if seq.num_output_tokens >= p.min_tokens:
-            if not p.ignore_eos and token in self.eos_token_ids:
-                return stop, None
-            if token in p.stop_token_ids:
-                return stop, token
-            if seq.detok is not None:
-                matched = detokenizer.find_stop(seq, new_text, p.stop)
-                if matched is not None:
-                    return stop, matched
-        if seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
-            return SequenceStatus.FINISHED_LENGTH, None
-        return None, None
-
     # ---- outputs --------------------------------------------------------------
 
-    def _finish_or_report(self, group: SequenceGroup) -> RequestOutput:
+    def _report(self, group: SequenceGroup) -> RequestOutput | None:
+        """The request's output this step; None while a FINAL_ONLY request runs."""
         finished = group.is_finished
+        if not finished and (getattr(group.params, "output_kind", None)
+                             is RequestOutputKind.FINAL_ONLY):
+            return None
         outputs = completions(group, self._decode)
         m = group.metrics
         m.num_generated_tokens = sum(len(o.token_ids) for o in outputs)
@@ -357,13 +310,14 @@ class LLMEngine:
             m.finished_time = time.time()
             self.scheduler.remove(group)
             self.requests.pop(group.request_id, None)
+            self._num_deadlines -= group.deadline is not None
         return RequestOutput(group.request_id, group.prompt, group.prompt_token_ids, outputs,
                              finished, m, group.abort_reason)
 
-    def _decode(self, token_ids: list[int]) -> str:
+    def _decode(self, prompt_token_ids: list[int], output_token_ids: list[int]) -> str:
         if self.tokenizer is None:
             return ""
-        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+        return detokenizer.decode_output(self.tokenizer, prompt_token_ids, output_token_ids)
 
     def stats(self) -> EngineStats:
         bm, sched = self.block_manager, self.scheduler
@@ -380,5 +334,7 @@ class LLMEngine:
             num_swapped_in_blocks=sched.num_swapped_in_blocks,
             num_cow_copies=bm.num_cow_copies,
             prefix_cache_hit_rate=bm.prefix_cache_hit_rate,
+            num_prompt_tokens=sched.num_prompt_tokens,
+            num_generated_tokens=sched.num_generated_tokens,
             **self._counters,
         )

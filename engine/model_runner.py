@@ -2,12 +2,16 @@
 and run the model; return the logits of the sequences that sample this step."""
 
 from dataclasses import dataclass
+from itertools import chain
 
+import numpy as np
 import torch
 
 from engine.attention import AttentionBackend, AttentionMetadata
 from engine.cuda_graph import DecodeGraphs
+from engine.input_batch import BlockTables
 from engine.scheduler import ScheduledSeq
+from engine.sequence import Sequence
 
 
 @dataclass(slots=True)
@@ -21,12 +25,13 @@ class ModelInput:
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, backend: AttentionBackend, block_size: int,
-                 device: torch.device) -> None:
+                 max_model_len: int, device: torch.device) -> None:
         self.model = model
         self.backend = backend
         self.block_size = block_size
         self.device = device
         self.graphs: DecodeGraphs | None = None
+        self.block_tables = BlockTables(-(-max_model_len // block_size))
 
     def capture_graphs(self, max_num_seqs: int, max_model_len: int, hidden_size: int,
                        dtype: torch.dtype) -> None:
@@ -58,9 +63,10 @@ class ModelRunner:
             starts.append(starts[-1] + n)
         meta = AttentionMetadata(
             slot_mapping=torch.arange(num_tokens, device=self.device),
-            block_tables=self._tensor([t + [0] * (width - len(t)) for t in tables], torch.int32),
-            seq_lens=self._tensor(seq_lens, torch.int32),
-            query_start_loc=self._tensor(starts, torch.int32),
+            block_tables=self._tensor(np.array([t + [0] * (width - len(t)) for t in tables],
+                                               dtype=np.int32)),
+            seq_lens=self._tensor(np.array(seq_lens, dtype=np.int32)),
+            query_start_loc=self._tensor(np.array(starts, dtype=np.int32)),
             max_query_len=max(seq_lens), max_seq_len=max(seq_lens), num_decodes=0,
             seq_lens_cpu=seq_lens, query_lens_cpu=seq_lens,
         )
@@ -75,51 +81,61 @@ class ModelRunner:
         torch.cuda.empty_cache()
         return peak
 
+    def sync_block_tables(self, changed: dict[int, Sequence]) -> None:
+        """Take in the block tables the scheduler changed; once per step, before `execute`."""
+        self.block_tables.apply_changes(changed)
+
     def prepare(self, scheduled: list[ScheduledSeq]) -> ModelInput:
         # Decodes first, as AttentionMetadata promises: a backend may batch them in one call.
-        batch = sorted(scheduled, key=lambda s: s.num_tokens != 1)
+        decodes = [e for e in scheduled if e.num_tokens == 1]
+        batch = decodes if len(decodes) == len(scheduled) else decodes + [
+            e for e in scheduled if e.num_tokens != 1]
+        seqs = [e.seq for e in batch]
+        starts_list = [s.num_computed_tokens for s in seqs]
+        rows = self.block_tables.rows(seqs)
+        starts = np.array(starts_list, dtype=np.int64)
+        if len(decodes) == len(batch):
+            input_ids = [s.token_ids[i] for s, i in zip(seqs, starts_list, strict=True)]
+            query_lens_list = [1] * len(batch)
+            positions, token_rows = starts, rows
+            query_lens = np.ones(len(batch), dtype=np.int64)
+        else:
+            query_lens_list = [e.num_tokens for e in batch]
+            input_ids = list(chain.from_iterable(
+                s.token_ids[i:i + n] for s, i, n in zip(seqs, starts_list, query_lens_list,
+                                                        strict=True)))
+            query_lens = np.array(query_lens_list, dtype=np.int64)
+            first = np.cumsum(query_lens) - query_lens  # each sequence's first token
+            token_rows = np.repeat(rows, query_lens)
+            positions = np.arange(len(input_ids)) + np.repeat(starts - first, query_lens)
+        seq_lens = starts + query_lens
+        query_start = np.zeros(len(batch) + 1, dtype=np.int64)
+        np.cumsum(query_lens, out=query_start[1:])
         bs = self.block_size
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        seq_lens: list[int] = []
-        query_lens: list[int] = []
-        logits_indices: list[int] = []
-        sampled: list[ScheduledSeq] = []
-        for entry in batch:
-            seq, n = entry.seq, entry.num_tokens
-            start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
-            table = seq.block_table
-            input_ids.extend(seq.token_ids[start:end])
-            positions.extend(range(start, end))
-            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
-            seq_lens.append(end)
-            query_lens.append(n)
-            if end == seq.num_tokens:
-                logits_indices.append(len(input_ids) - 1)
-                sampled.append(entry)
-        max_blocks = max(len(e.seq.block_table) for e in batch)
-        tables = [e.seq.block_table + [0] * (max_blocks - len(e.seq.block_table)) for e in batch]
-        query_start = [0]
-        for n in query_lens:
-            query_start.append(query_start[-1] + n)
+        table = self.block_tables.array
+        slots = table[token_rows, positions // bs] * bs + positions % bs
+        max_seq_len = int(seq_lens.max())
+        done = seq_lens == np.array([s.num_tokens for s in seqs])
+        sampled_rows = np.flatnonzero(done)
+        seq_lens_list = seq_lens.tolist()
         meta = AttentionMetadata(
-            slot_mapping=self._tensor(slots, torch.int64),
-            block_tables=self._tensor(tables, torch.int32),
-            seq_lens=self._tensor(seq_lens, torch.int32),
-            query_start_loc=self._tensor(query_start, torch.int32),
-            max_query_len=max(query_lens),
-            max_seq_len=max(seq_lens),
-            num_decodes=sum(1 for n in query_lens if n == 1),
-            seq_lens_cpu=seq_lens,
-            query_lens_cpu=query_lens,
+            slot_mapping=self._tensor(slots),
+            block_tables=self._tensor(table[rows, :-(-max_seq_len // bs)].astype(np.int32)),
+            seq_lens=self._tensor(seq_lens.astype(np.int32)),
+            query_start_loc=self._tensor(query_start.astype(np.int32)),
+            max_query_len=max(query_lens_list),
+            max_seq_len=max_seq_len,
+            num_decodes=len(decodes),
+            seq_lens_cpu=seq_lens_list,
+            query_lens_cpu=query_lens_list,
         )
-        return ModelInput(self._tensor(input_ids, torch.int64),
-                          self._tensor(positions, torch.int64), meta,
-                          self._tensor(logits_indices, torch.int64), sampled)
+        return ModelInput(self._tensor(np.array(input_ids, dtype=np.int64)),
+                          self._tensor(positions), meta,
+                          self._tensor(query_start[1:][sampled_rows] - 1),
+                          [batch[i] for i in sampled_rows.tolist()])
 
-    def _tensor(self, data: list, dtype: torch.dtype) -> torch.Tensor:
-        t = torch.tensor(data, dtype=dtype)
+    def _tensor(self, data: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(data)
         return t.to(self.device, non_blocking=True) if self.device.type != "cpu" else t
 
     @torch.inference_mode()

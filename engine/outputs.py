@@ -3,6 +3,7 @@
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from engine.sampling_params import RequestOutputKind
 from engine.sequence import RequestMetrics, SequenceGroup
 
 
@@ -11,7 +12,7 @@ class CompletionOutput:
     index: int
     text: str
     token_ids: list[int]
-    cumulative_logprob: float
+    cumulative_logprob: float | None  # None unless logprobs were asked for (or beams)
     logprobs: list[dict[int, float]] | None
     finish_reason: str | None  # "stop" | "length" | "abort" | None while running
     stop_reason: int | str | None = None
@@ -50,25 +51,42 @@ class EngineStats:
     num_steps: int = 0
 
 
-def completions(group: SequenceGroup, decode: Callable[[list[int]], str]
+def completions(group: SequenceGroup, decode: Callable[[list[int], list[int]], str]
                 ) -> list[CompletionOutput]:
-    """A request's completions: its finished beams by score, or its sequences by index."""
+    """A request's completions: its finished beams by score, or its sequences by index,
+    whole or (RequestOutputKind.DELTA) what is new since the last report.
+
+    `decode(prompt_token_ids, output_token_ids)` is the text of an output that is not
+    decoded as it goes.
+    """
     if group.beam is not None and group.beam.done:
         return [
-            CompletionOutput(i, decode(h.token_ids), h.token_ids, h.cumulative_logprob,
-                             None, "stop" if h.stopped else "length", score=h.score)
+            CompletionOutput(i, decode(group.prompt_token_ids, h.token_ids), h.token_ids,
+                             h.cumulative_logprob, None, "stop" if h.stopped else "length",
+                             score=h.score)
             for i, h in enumerate(group.beam.finished)
         ]
-    want_logprobs = getattr(group.params, "logprobs", None) is not None
-    return [
-        CompletionOutput(
-            index=s.index,
-            text=s.text if s.detok or group.beam is None else decode(s.output_token_ids),
-            token_ids=s.output_token_ids,
-            cumulative_logprob=s.cumulative_logprob,
-            logprobs=s.logprobs if want_logprobs else None,
-            finish_reason=s.status.finish_reason,
-            stop_reason=s.stop_reason,
-        )
-        for s in sorted(group.seqs, key=lambda s: s.index)
-    ]
+    params = group.params
+    want_logprobs = getattr(params, "logprobs", None) is not None
+    delta = getattr(params, "output_kind", None) is RequestOutputKind.DELTA
+    # While running, text that could still turn into a stop string is held back.
+    stops = getattr(params, "stop", None)
+    held = max(map(len, stops)) - 1 if stops else 0
+    seqs = group.seqs if len(group.seqs) == 1 else sorted(group.seqs, key=lambda s: s.index)
+    outs = []
+    for s in seqs:
+        tokens, logprobs = s.output_token_ids, s.logprobs if want_logprobs else None
+        text = s.text if s.detok else decode(group.prompt_token_ids, tokens)
+        if held and not s.status.finished:
+            text = text[:max(len(text) - held, s.num_reported_chars)]
+        if delta:
+            text, tokens = text[s.num_reported_chars:], tokens[s.num_reported_tokens:]
+            logprobs = logprobs[s.num_reported_tokens:] if logprobs is not None else None
+            s.num_reported_chars += len(text)
+            s.num_reported_tokens += len(tokens)
+        outs.append(CompletionOutput(
+            index=s.index, text=text, token_ids=tokens,
+            cumulative_logprob=s.cumulative_logprob if want_logprobs or group.beam else None,
+            logprobs=logprobs, finish_reason=s.status.finish_reason,
+            stop_reason=s.stop_reason))
+    return outs

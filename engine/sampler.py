@@ -16,9 +16,11 @@ from engine.sequence import Sequence
 
 @dataclass(slots=True)
 class SampleResult:
+    """A row's token; its logprob and top logprobs only when the request asked for them."""
+
     token_id: int
-    logprob: float
-    top_logprobs: dict[int, float] | None
+    logprob: float | None = None
+    top_logprobs: dict[int, float] | None = None
 
 
 class Sampler:
@@ -29,37 +31,76 @@ class Sampler:
                  params: list[SamplingParams]) -> list[SampleResult]:
         """Sample one token per row; the caller's logits stay as they were.
 
-        Random numbers are drawn last, after every operation that can fail: a call
-        that raises leaves each sequence's generator untouched, so the engine can
+        Only rows that sample, edit their logits or want logprobs are copied to
+        float32; log-softmax runs over the rows that want logprobs only. Random
+        numbers are drawn last, after every operation that can fail: a call that
+        raises leaves each sequence's generator untouched, so the engine can
         sample the same rows again and get the same tokens.
         """
-        work = logits.float()
-        if work is logits and any(_edits_logits(seq, p)
-                                  for seq, p in zip(seqs, params, strict=True)):
-            work = work.clone()
+        if logits.shape[0] != len(params):
+            raise ValueError(f"{logits.shape[0]} logits rows for {len(params)} requests")
+        random_rows: list[int] = []
+        greedy_rows: list[int] = []  # greedy rows that edit their logits or want logprobs
+        plain_rows: list[int] = []  # greedy rows that take the argmax of their raw logits
+        edited: list[int] = []
         for row, (seq, p) in enumerate(zip(seqs, params, strict=True)):
-            apply_penalties(work[row], seq, p)
-            self._apply_min_tokens(work[row], seq, p)
-        temps = [p.temperature if p.temperature > 0 else 1.0 for p in params]
-        if any(t != 1.0 for t in temps):
-            work.div_(torch.tensor(temps, device=work.device)[:, None])
-        logprobs = torch.log_softmax(work, dim=-1)
-        tokens = work.argmax(dim=-1)
-        tops = [logprobs[row].topk(p.logprobs) if p.logprobs else None
-                for row, p in enumerate(params)]
-        random_rows = [row for row, p in enumerate(params) if not p.greedy]
-        probs = [truncate(work[row], params[row]).softmax(-1) for row in random_rows]
-        for row, row_probs in zip(random_rows, probs, strict=True):
-            tokens[row] = _draw(row_probs, seqs[row].generator)
-        chosen = logprobs.gather(1, tokens[:, None]).squeeze(1)
-        results = []
-        for token, lp, top in zip(tokens.tolist(), chosen.tolist(), tops, strict=True):
-            top_logprobs = None
-            if top is not None:
-                top_logprobs = dict(zip(top.indices.tolist(), top.values.tolist(), strict=True))
-                top_logprobs[token] = lp
-            results.append(SampleResult(token, lp, top_logprobs))
+            edits = _edits_logits(seq, p)
+            if edits:
+                edited.append(row)
+            if not p.greedy:
+                random_rows.append(row)
+            elif edits or p.logprobs is not None:
+                greedy_rows.append(row)
+            else:
+                plain_rows.append(row)
+        # Converting bf16 or fp16 to float32 is exact and keeps the order of the values, so
+        # the argmax of the raw logits is the token a float32 argmax picks. max().indices is
+        # the argmax (the first maximum on ties), and on CPU the faster of the two.
+        if len(plain_rows) == len(params):
+            return [SampleResult(token) for token in logits.max(dim=-1).indices.tolist()]
+
+        # Random rows first: temperature divides one leading slice of `work`.
+        rows = random_rows + greedy_rows
+        work = self._edited_logits(logits, rows, len(random_rows), edited, seqs, params)
+        want = [i for i, row in enumerate(rows) if params[row].logprobs is not None]
+        logprobs = top = None
+        if want:
+            logprobs = torch.log_softmax(work if len(want) == len(rows) else work[want], dim=-1)
+            max_k = max(params[rows[i]].logprobs for i in want)
+            if max_k:
+                top = logprobs.topk(max_k)
+        chosen = [work[len(random_rows):].max(dim=-1).indices]
+        if plain_rows:
+            chosen.append(logits[plain_rows].max(dim=-1).indices)
+        probs = [truncate(work[i], params[row]).softmax(-1) for i, row in enumerate(random_rows)]
+        drawn = [_draw(row_probs, seqs[row].generator)
+                 for row, row_probs in zip(random_rows, probs, strict=True)]
+        ordered = torch.cat([torch.stack(drawn), *chosen]) if drawn else torch.cat(chosen)
+        tokens = [0] * len(params)
+        for row, token in zip(rows + plain_rows, ordered.tolist(), strict=True):
+            tokens[row] = token
+        results = [SampleResult(token) for token in tokens]
+        if logprobs is not None:
+            _fill_logprobs(results, [rows[i] for i in want], params, logprobs, ordered[want], top)
         return results
+
+    def _edited_logits(self, logits: torch.Tensor, rows: list[int], num_random: int,
+                       edited: list[int], seqs: list[Sequence],
+                       params: list[SamplingParams]) -> torch.Tensor:
+        """`rows` of the logits in float32, after penalties, min_tokens and (for the first
+        `num_random` rows, the random ones) temperature; never the caller's tensor if edited."""
+        work = (logits if len(rows) == logits.shape[0] else logits[rows]).float()
+        temps = [params[row].temperature for row in rows[:num_random]]
+        scale = any(t != 1.0 for t in temps)
+        if work is logits and (edited or scale):
+            work = work.clone()
+        local = {row: i for i, row in enumerate(rows)}
+        for row in edited:
+            apply_penalties(work[local[row]], seqs[row], params[row])
+            self._apply_min_tokens(work[local[row]], seqs[row], params[row])
+        if scale:
+            work[:num_random].div_(torch.tensor(temps, device=work.device)[:, None])
+        return work
 
     def _apply_min_tokens(self, row: torch.Tensor, seq: Sequence, p: SamplingParams) -> None:
         if seq.num_output_tokens < p.min_tokens:
@@ -68,9 +109,27 @@ class Sampler:
                 row[list(banned)] = -float("inf")
 
 
+def _fill_logprobs(results: list[SampleResult], rows: list[int], params: list[SamplingParams],
+                   logprobs: torch.Tensor, tokens: torch.Tensor,
+                   top: torch.return_types.topk | None) -> None:
+    """Give `results[rows]` their chosen token's logprob and, unless `p.logprobs` is 0,
+    the top `p.logprobs` with the chosen token beside them."""
+    chosen = logprobs.gather(1, tokens[:, None]).squeeze(1).tolist()
+    top_ids = top.indices.tolist() if top is not None else None
+    top_values = top.values.tolist() if top is not None else None
+    for i, (row, lp) in enumerate(zip(rows, chosen, strict=True)):
+        res = results[row]
+        res.logprob = lp
+        k = params[row].logprobs
+        if k:
+            res.top_logprobs = dict(zip(top_ids[i][:k], top_values[i][:k], strict=True))
+            res.top_logprobs[res.token_id] = lp
+
+
 def _edits_logits(seq: Sequence, p: SamplingParams) -> bool:
+    """Whether penalties or min_tokens change this row's logits (temperature aside)."""
     return (p.repetition_penalty != 1.0 or bool(p.presence_penalty or p.frequency_penalty)
-            or seq.num_output_tokens < p.min_tokens or p.temperature not in (0.0, 1.0))
+            or seq.num_output_tokens < p.min_tokens)
 
 
 def apply_penalties(row: torch.Tensor, seq: Sequence, p: SamplingParams) -> None:

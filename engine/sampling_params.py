@@ -6,11 +6,20 @@ job schema by constructing a `SamplingParams`, so every rule lives in
 What depends on the loaded model (vocabulary, batch limits) is checked by the engine.
 """
 
+import enum
 import math
 from dataclasses import dataclass, field
 
 MAX_LOGPROBS = 20
 _SEED_RANGE = range(-2**63, 2**64)  # what torch.Generator.manual_seed accepts
+
+
+class RequestOutputKind(enum.Enum):
+    """What each step reports for a running request (vLLM's names)."""
+
+    CUMULATIVE = "cumulative"  # everything generated so far, every step
+    DELTA = "delta"            # only what is new since the last report
+    FINAL_ONLY = "final_only"  # nothing until the request finishes, then everything
 
 
 @dataclass(slots=True)
@@ -37,6 +46,9 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None
+    # How the caller reads results, not what is generated: not a job field.
+    output_kind: RequestOutputKind = field(default=RequestOutputKind.CUMULATIVE,
+                                           metadata={"job_field": False})
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -72,6 +84,8 @@ class SamplingParams:
         _check(self.logprobs is None or (_is_int(self.logprobs)
                                          and 0 <= self.logprobs <= MAX_LOGPROBS),
                "logprobs", f"must be None or an int in [0, {MAX_LOGPROBS}]", self.logprobs)
+        _check(isinstance(self.output_kind, RequestOutputKind), "output_kind",
+               "must be a RequestOutputKind", self.output_kind)
         # Greedy samples would all be the same sequence: n > 1 needs randomness.
         _check(self.n == 1 or self.temperature > 0, "n",
                "must be 1 when temperature is 0 (greedy samples would be identical)", self.n)
@@ -79,6 +93,12 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def needs_incremental_text(self) -> bool:
+        """Whether text must be decoded as tokens arrive: to match stop strings, or to
+        report it before the end. Otherwise it is decoded once, when the request ends."""
+        return bool(self.stop) or self.output_kind is not RequestOutputKind.FINAL_ONLY
 
 
 @dataclass(slots=True)

@@ -6,15 +6,23 @@ swapped requests that fit back, then waiting requests. Prefill chunks and
 decodes share one step. When the device pool cannot hold the step, the least
 important running request is preempted: swapped to the CPU pool, or, when that
 is full or `preemption_mode="recompute"`, freed and requeued for recompute.
+
+The scheduler owns the block manager: it is the one to give sequences blocks, fork
+them (samples, beams) and free them, and it applies each step's tokens
+(`update_from_output`).
 """
 
 import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from engine.beam_search import BeamStep
 from engine.block_manager import BlockManager, CachedPrefix
 from engine.config import EngineConfig
+from engine.sampler import SampleResult
+from engine.seq_factory import SequenceFactory
 from engine.sequence import Sequence, SequenceGroup, SequenceStatus
+from engine.stop_checker import StopChecker
 
 
 @dataclass(slots=True)
@@ -25,13 +33,33 @@ class ScheduledSeq:
 
 
 @dataclass(slots=True)
+class SamplePlan:
+    """The sequences of one request that get a token this step, and their logits rows.
+
+    Beams are listed in the group's order; samples of a request forked this step all
+    read their parent's row.
+    """
+
+    group: SequenceGroup
+    seqs: list[Sequence]
+    rows: list[int]
+
+
+StepResult = list[SampleResult] | BeamStep
+
+
+@dataclass(slots=True)
 class SchedulerOutput:
     scheduled: list[ScheduledSeq] = field(default_factory=list)
+    # Copies for the forks of the last step: run before any block moves this step.
+    fork_copies: list[tuple[int, int]] = field(default_factory=list)
     blocks_to_swap_out: dict[int, int] = field(default_factory=dict)
     blocks_to_swap_in: dict[int, int] = field(default_factory=dict)
     blocks_to_copy: list[tuple[int, int]] = field(default_factory=list)
     preempted: list[SequenceGroup] = field(default_factory=list)
     never_fit: list[SequenceGroup] = field(default_factory=list)
+    # Sequences (by id) whose block table changed since the last step was scheduled.
+    changed_tables: dict[int, Sequence] = field(default_factory=dict)
 
     @property
     def num_batched_tokens(self) -> int:
@@ -39,9 +67,16 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, config: EngineConfig, block_manager: BlockManager) -> None:
+    def __init__(self, config: EngineConfig, num_device_blocks: int, num_cpu_blocks: int,
+                 factory: SequenceFactory, stop_checker: StopChecker) -> None:
         self.config = config
-        self.bm = block_manager
+        self.bm = BlockManager(config.block_size, num_device_blocks, num_cpu_blocks,
+                               config.enable_prefix_caching, config.share_blocks)
+        self.factory = factory
+        self.stop_checker = stop_checker
+        self._fork_copies: list[tuple[int, int]] = []
+        self.num_generated_tokens = 0
+        self.num_prompt_tokens = 0
         self.waiting: deque[SequenceGroup] = deque()
         self.running: list[SequenceGroup] = []
         self.swapped: deque[SequenceGroup] = deque()
@@ -77,15 +112,20 @@ class Scheduler:
         for seq in group.seqs:
             self.bm.free(seq)
 
-    def free_seq(self, seq: Sequence) -> None:
+    def finish_seq(self, seq: Sequence, status: SequenceStatus) -> None:
+        """End one sequence of a running request and give its blocks back."""
         self.bm.free(seq)
+        seq.status = status
 
-    def restart(self, group: SequenceGroup) -> None:
-        """Send a request back to the waiting queue with nothing computed (the blocks it
-        reused this step hold no valid KV); unlike a preemption it costs it nothing else."""
-        if group in self.running:
-            self.running.remove(group)
-        self._requeue(group)
+    def drop_unwritten(self, blocks: set[int], readers: list[SequenceGroup]) -> None:
+        """A failed forward left `blocks` unwritten: take them out of the prefix cache, and
+        send the requests that read them back to the waiting queue with nothing computed
+        (unlike a preemption, this costs them nothing else)."""
+        self.bm.uncache(blocks)
+        for group in readers:
+            if group in self.running:
+                self.running.remove(group)
+            self._requeue(group)
 
     def first_in_line(self) -> SequenceGroup | None:
         """The request the next step serves first: running, then swapped, then waiting."""
@@ -97,7 +137,8 @@ class Scheduler:
     # ---- one step -------------------------------------------------------------
 
     def schedule(self) -> SchedulerOutput:
-        out = SchedulerOutput()
+        out = SchedulerOutput(fork_copies=self._fork_copies)
+        self._fork_copies = []
         budget = self.config.max_num_batched_tokens
         num_seqs = 0
         self.running.sort(key=lambda g: g.preemption_key)
@@ -116,6 +157,7 @@ class Scheduler:
             budget, num_seqs = self._resume_swapped(out, budget, num_seqs)
             if not self.swapped:
                 self._admit_waiting(out, budget, num_seqs)
+        out.changed_tables = self.bm.take_changed()
         return out
 
     def _plan_tokens(self, group: SequenceGroup, budget: int) -> list[tuple[Sequence, int]]:
@@ -328,3 +370,91 @@ class Scheduler:
         new = sum(self.bm.blocks_for(start + n) - self.bm.blocks_for(start)
                   for start, n in zip(starts, takes, strict=True))
         return prefix.num_free_blocks + new
+
+    # ---- after the forward ------------------------------------------------------
+
+    def advance(self, scheduled: list[ScheduledSeq]) -> None:
+        """The model has computed the step's tokens: move each sequence past them."""
+        for entry in scheduled:
+            seq = entry.seq
+            if seq.status is not SequenceStatus.RUNNING:  # aborted or restarted this step
+                continue
+            before = seq.num_computed_tokens
+            seq.num_computed_tokens = after = before + entry.num_tokens
+            if before < seq.prompt_len:
+                self.num_prompt_tokens += min(after, seq.prompt_len) - before
+
+    def fork_samples(self, group: SequenceGroup, seq: Sequence) -> list[Sequence]:
+        """After the prompt, a request with n > 1 forks into n sequences sharing its blocks."""
+        if group.params.n == 1 or len(group.seqs) > 1:
+            return [seq]
+        group.seqs.extend(self._fork(group, seq, i) for i in range(1, group.params.n))
+        return group.seqs
+
+    def _fork(self, group: SequenceGroup, parent: Sequence, index: int) -> Sequence:
+        child = self.factory.clone(group, parent, index)
+        self.bm.fork(parent, child, self._fork_copies)
+        return child
+
+    def update_from_output(self, plans: list[SamplePlan], results: dict[str, StepResult],
+                           now: float) -> tuple[list[SequenceGroup],
+                                                list[tuple[SequenceGroup, Exception]]]:
+        """Give each planned request its tokens (or next beams); end the sequences that
+        stop. Returns the requests updated, and those whose update raised."""
+        updated: list[SequenceGroup] = []
+        failed: list[tuple[SequenceGroup, Exception]] = []
+        for plan in plans:
+            group = plan.group
+            result = results.get(group.request_id)
+            if result is None:
+                continue
+            try:
+                self._apply(plan, result, now)
+            except Exception as exc:
+                failed.append((group, exc))
+                continue
+            updated.append(group)
+        return updated, failed
+
+    def _apply(self, plan: SamplePlan, result: StepResult, now: float) -> None:
+        group = plan.group
+        if group.metrics.first_token_time is None:
+            group.metrics.first_token_time = now
+        if isinstance(result, BeamStep):
+            self._step_beams(group, result)
+            self.num_generated_tokens += len(group.seqs)
+            return
+        params, check = group.params, self.stop_checker.check
+        want_logprobs = params.logprobs is not None
+        for seq, res in zip(plan.seqs, result, strict=True):
+            token = res.token_id
+            seq.token_ids.append(token)
+            if want_logprobs:
+                seq.cumulative_logprob += res.logprob
+                seq.logprobs.append(res.top_logprobs or {token: res.logprob})
+            status, reason = check(seq, params, token)
+            if status is not None:
+                self.finish_seq(seq, status)
+                seq.stop_reason = reason
+        self.num_generated_tokens += len(plan.seqs)
+
+    def _step_beams(self, group: SequenceGroup, step: BeamStep) -> None:
+        """Replace the group's beams by the next ones: reuse a parent for its first
+        continuation, fork it for the others, free the parents nobody continues."""
+        beams = group.seqs
+        group.beam.apply(step)
+        taken: set[int] = set()
+        new_beams = []
+        for i, cand in enumerate(step.beams):
+            parent = beams[cand.parent]
+            beam = self._fork(group, parent, i) if cand.parent in taken else parent
+            taken.add(cand.parent)
+            new_beams.append(beam)
+        for i, (beam, cand) in enumerate(zip(new_beams, step.beams, strict=True)):
+            beam.index = i
+            beam.token_ids.append(cand.token_id)
+            beam.cumulative_logprob = cand.cumulative_logprob
+        for i, beam in enumerate(beams):
+            if i not in taken:
+                self.finish_seq(beam, SequenceStatus.FINISHED_STOPPED)
+        group.seqs = new_beams

@@ -74,6 +74,9 @@ class Sequence:
     logprobs: list[dict[int, float]] = field(default_factory=list)
     detok: Detokenizer | None = None
     stop_reason: int | str | None = None
+    # What earlier outputs reported (RequestOutputKind.DELTA reports only the rest).
+    num_reported_tokens: int = 0
+    num_reported_chars: int = 0
 
     @property
     def num_tokens(self) -> int:

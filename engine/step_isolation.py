@@ -10,16 +10,13 @@ pinned on one request. The engine aborts those and applies the rest.
 """
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from typing import TypeVar
 
 import torch
 
-from engine.beam_search import BeamStep
-from engine.sampler import Sampler, SampleResult
-from engine.scheduler import ScheduledSeq
-from engine.seq_factory import SequenceFactory
-from engine.sequence import Sequence, SequenceGroup, SequenceStatus
+from engine.sampler import Sampler
+from engine.scheduler import SamplePlan, ScheduledSeq, Scheduler, StepResult
+from engine.sequence import SequenceGroup, SequenceStatus
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -92,23 +89,7 @@ def concat_parts(parts: list[tuple[torch.Tensor, list[ScheduledSeq]]]
     return torch.cat([logits for logits, _ in ran]), [e for _, s in ran for e in s]
 
 
-@dataclass(slots=True)
-class SamplePlan:
-    """The sequences of one request that get a token this step, and their logits rows.
-
-    Beams are listed in the group's order; samples of a request forked this step all
-    read their parent's row.
-    """
-
-    group: SequenceGroup
-    seqs: list[Sequence]
-    rows: list[int]
-
-
-StepResult = list[SampleResult] | BeamStep
-
-
-def plan_samples(sampled: list[ScheduledSeq], factory: SequenceFactory
+def plan_samples(sampled: list[ScheduledSeq], scheduler: Scheduler
                  ) -> tuple[list[SamplePlan], list[tuple[SequenceGroup, Exception]]]:
     """Which sequences take which logits row, and the groups whose fork failed.
 
@@ -129,7 +110,7 @@ def plan_samples(sampled: list[ScheduledSeq], factory: SequenceFactory
             plan.rows.append(row)
             continue
         try:
-            seqs = factory.fork_samples(group, seq)
+            seqs = scheduler.fork_samples(group, seq)
         except Exception as exc:
             failed.append((group, exc))
             del plans[group.request_id]

@@ -102,10 +102,10 @@ class JobRunner:
                         "it once its lease expires", spec.id, cause, exc)
 
     def _start(self, spec: JobSpec) -> Future[Generation] | Outcome:
-        from engine import SamplingParams
+        from engine import RequestOutputKind, SamplingParams
 
         try:
-            params = SamplingParams(**spec.params)
+            params = SamplingParams(**spec.params, output_kind=RequestOutputKind.FINAL_ONLY)
             prompt = self._render(spec)
         except ValueError as exc:
             return self._finish(spec, JobStatus.FAILED, error=f"invalid job: {exc}")

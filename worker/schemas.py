@@ -74,7 +74,7 @@ GenerationParams = create_model(
     __base__=_EngineChecked,
     __doc__="The fields of engine.SamplingParams, with its names, defaults and rules.",
     **{f.name: _field_spec(f, get_type_hints(SamplingParams)[f.name])
-       for f in dataclasses.fields(SamplingParams)},
+       for f in dataclasses.fields(SamplingParams) if f.metadata.get("job_field", True)},
 )
 
 

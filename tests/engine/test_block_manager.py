@@ -3,9 +3,7 @@
 import time
 
 from engine.block_manager import BlockManager
-from engine.config import EngineConfig
 from engine.sampling_params import SamplingParams
-from engine.scheduler import Scheduler
 from engine.sequence import RequestMetrics, Sequence, SequenceGroup, SequenceStatus
 
 
@@ -14,16 +12,6 @@ def _group(request_id: str, prompt_len: int, arrival: float | None = None) -> Se
     seq = Sequence(seq_id=hash(request_id) & 0xFFFF, token_ids=list(tokens), prompt_len=prompt_len)
     return SequenceGroup(request_id, None, tokens, SamplingParams(temperature=0), [seq],
                          RequestMetrics(arrival_time=arrival or time.time()))
-
-
-def _run_step(sched: Scheduler, new_token: int = 7):
-    """Pretend the model ran: advance computed tokens and sample where a sequence caught up."""
-    out = sched.schedule()
-    for entry in out.scheduled:
-        entry.seq.num_computed_tokens += entry.num_tokens
-        if entry.seq.num_computed_tokens == entry.seq.num_tokens:
-            entry.seq.token_ids.append(new_token)
-    return out
 
 
 def test_allocation_grows_only_at_block_boundaries():
@@ -80,32 +68,6 @@ def test_swap_round_trip_keeps_shared_blocks_shared():
     in_map = bm.swap_in(group)
     assert set(in_map) == set(out_map.values()) and bm.cpu.num_free == 8
     assert all(bm.device.ref_counts[b] == 2 for b in parent.block_table)
-
-
-def test_exhaustion_preempts_instead_of_crashing():
-    config = EngineConfig(block_size=4, max_num_batched_tokens=64, preemption_mode="recompute")
-    bm = BlockManager(4, num_device_blocks=4, num_cpu_blocks=0, enable_prefix_caching=False)
-    sched = Scheduler(config, bm)
-    a, b = _group("a", 8, arrival=1.0), _group("b", 8, arrival=2.0)
-    sched.add(a)
-    sched.add(b)
-    _run_step(sched)  # both prompts fill 2 blocks each
-    assert bm.device.num_free == 0
-    out = _run_step(sched)  # each needs a third block: the later arrival goes
-    assert out.preempted == [b] and b in sched.waiting
-    assert b.seqs[0].num_computed_tokens == 0 and b.metrics.num_preemptions == 1
-    assert [e.seq for e in out.scheduled] == [a.seqs[0]]
-
-
-def test_request_larger_than_the_pool_is_reported_not_run():
-    config = EngineConfig(block_size=4, max_num_batched_tokens=64)
-    bm = BlockManager(4, num_device_blocks=2, num_cpu_blocks=0)
-    sched = Scheduler(config, bm)
-    big = _group("big", 20)
-    sched.add(big)
-    out = sched.schedule()
-    assert out.never_fit == [big] and "needs 5 KV blocks" in big.abort_reason
-    assert not out.scheduled and bm.device.num_free == 2
 
 
 def _cached_then_freed(bm: BlockManager, tokens: list[int]) -> list[int]:

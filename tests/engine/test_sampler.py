@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 
 from engine.sampler import Sampler, apply_penalties, truncate
@@ -70,3 +71,73 @@ def test_min_tokens_bans_eos_until_reached():
     seq.token_ids.append(1)
     res = sampler(LOGITS[None], [seq], [SamplingParams(temperature=0, min_tokens=1)])[0]
     assert res.token_id == 0
+
+
+def _seqs(n: int, seed: int = 0) -> list[Sequence]:
+    return [Sequence(i, [3, 1], prompt_len=1, generator=torch.Generator().manual_seed(seed + i))
+            for i in range(n)]
+
+
+MIXED = [
+    SamplingParams(temperature=0),
+    SamplingParams(temperature=0.7, top_p=0.9, logprobs=1),
+    SamplingParams(temperature=0, logprobs=2),
+    SamplingParams(temperature=1.0),
+    SamplingParams(temperature=0, repetition_penalty=3.0),
+    SamplingParams(temperature=1.5, top_k=3, presence_penalty=0.5, logprobs=0),
+    SamplingParams(temperature=0, min_tokens=2),
+]
+
+
+def test_logprobs_only_for_requests_that_ask():
+    logits = torch.randn(len(MIXED), 50, generator=torch.Generator().manual_seed(1))
+    seqs = _seqs(len(MIXED))
+    results = Sampler(eos_token_ids={0})(logits, seqs, MIXED)
+    for row, (res, seq, p) in enumerate(zip(results, seqs, MIXED, strict=True)):
+        if p.logprobs is None:
+            assert res.logprob is None and res.top_logprobs is None
+            continue
+        # After penalties and temperature, before truncation.
+        edited = logits[row].clone()
+        apply_penalties(edited, seq, p)
+        want = torch.log_softmax(edited / (p.temperature or 1.0), -1)
+        assert math.isclose(res.logprob, want[res.token_id].item(), abs_tol=1e-5)
+        if p.logprobs == 0:
+            assert res.top_logprobs is None
+        else:
+            top = want.topk(p.logprobs)
+            assert set(res.top_logprobs) == set(top.indices.tolist()) | {res.token_id}
+
+
+def test_each_row_samples_as_it_would_alone():
+    """Greedy rows, random rows (own generator) and edited rows are independent of the batch."""
+    logits = torch.randn(len(MIXED), 50, generator=torch.Generator().manual_seed(2))
+    sampler = Sampler(eos_token_ids={0})
+    together = sampler(logits, _seqs(len(MIXED)), MIXED)
+    alone = [sampler(logits[row:row + 1], [seq], [p])[0]
+             for row, (seq, p) in enumerate(zip(_seqs(len(MIXED)), MIXED, strict=True))]
+    assert together == alone
+    greedy = [r.token_id for r, p in zip(together, MIXED, strict=True) if p.greedy]
+    assert greedy[:2] == [logits[0].argmax().item(), logits[2].argmax().item()]
+
+
+def test_greedy_bfloat16_rows_take_the_float32_argmax_and_logits_stay():
+    logits = torch.randn(64, 300, generator=torch.Generator().manual_seed(3)).bfloat16()
+    before = logits.clone()
+    params = [SamplingParams(temperature=0)] * 64
+    results = Sampler(eos_token_ids=set())(logits, _seqs(64), params)
+    assert [r.token_id for r in results] == logits.float().argmax(-1).tolist()
+    assert all(r.logprob is None and r.top_logprobs is None for r in results)
+    mixed = logits[:len(MIXED)].float()
+    Sampler(eos_token_ids={0})(mixed, _seqs(len(MIXED)), MIXED)
+    assert torch.equal(logits, before) and torch.equal(mixed, before[:len(MIXED)].float())
+
+
+def test_a_failing_call_leaves_generators_untouched():
+    seqs = _seqs(3)
+    states = [s.generator.get_state() for s in seqs]
+    params = [SamplingParams(), SamplingParams(temperature=0),
+              SamplingParams(logprobs=10)]  # more than the 4 tokens: topk raises
+    with pytest.raises(RuntimeError):
+        Sampler(eos_token_ids=set())(LOGITS.expand(3, -1), seqs, params)
+    assert all(torch.equal(s.generator.get_state(), st) for s, st in zip(seqs, states, strict=True))
