@@ -97,8 +97,9 @@ class BlockManager:
 
     def num_new_blocks(self, seq: Sequence, num_new_tokens: int) -> int:
         """Device blocks needed to write `num_new_tokens` more tokens into `seq`."""
-        needed = self.blocks_for(seq.num_computed_tokens + num_new_tokens) - len(seq.block_table)
-        return max(needed, 0) + int(self._needs_cow(seq))
+        needed = -(-(seq.num_computed_tokens + num_new_tokens) // self.block_size)
+        needed -= len(seq.block_table)
+        return (needed if needed > 0 else 0) + self._needs_cow(seq)
 
     def _needs_cow(self, seq: Sequence) -> bool:
         offset = seq.num_computed_tokens % self.block_size
@@ -120,7 +121,7 @@ class BlockManager:
 
         Copies are (src, dst) pairs: one source block can be copied for several forks.
         """
-        if self._needs_cow(seq):
+        if seq.num_computed_tokens % self.block_size and self._needs_cow(seq):
             idx = seq.num_computed_tokens // self.block_size
             src = seq.block_table[idx]
             dst = self._allocate_device()
@@ -129,7 +130,7 @@ class BlockManager:
             copies.append((src, dst))
             self.num_cow_copies += 1
             self._changed[seq.seq_id] = seq
-        target = self.blocks_for(seq.num_computed_tokens + num_new_tokens)
+        target = -(-(seq.num_computed_tokens + num_new_tokens) // self.block_size)
         if len(seq.block_table) < target:
             self._changed[seq.seq_id] = seq
             while len(seq.block_table) < target:

@@ -3,6 +3,7 @@
 Not thread-safe: one thread drives add_request / abort_request / step.
 """
 
+import gc
 import logging
 import time
 
@@ -97,6 +98,10 @@ class LLMEngine:
         self._aborted: list[SequenceGroup] = []
         self._counters = {"peak_num_running": 0, "peak_device_blocks_used": 0,
                           "num_steps": 0}
+        # The start-up leaves a few hundred thousand long-lived objects (tokenizer, model,
+        # pools): keep the collector from walking them again and again while serving.
+        gc.collect()
+        gc.freeze()
 
     # ---- set-up -------------------------------------------------------------
 
@@ -299,10 +304,10 @@ class LLMEngine:
 
     def _report(self, group: SequenceGroup) -> RequestOutput | None:
         """The request's output this step; None while a FINAL_ONLY request runs."""
-        finished = group.is_finished
-        if not finished and (getattr(group.params, "output_kind", None)
-                             is RequestOutputKind.FINAL_ONLY):
+        if (getattr(group.params, "output_kind", None) is RequestOutputKind.FINAL_ONLY
+                and not group.is_finished):
             return None
+        finished = group.is_finished
         outputs = completions(group, self._decode)
         m = group.metrics
         m.num_generated_tokens = sum(len(o.token_ids) for o in outputs)

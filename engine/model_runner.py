@@ -144,7 +144,9 @@ class ModelRunner:
         hidden = self._forward(inp.input_ids, inp.positions, inp.meta)
         if not inp.sampled:
             return hidden.new_empty((0, 0)), []
-        return self.model.compute_logits(hidden[inp.logits_indices]), inp.sampled
+        if len(inp.sampled) < len(hidden):  # else every token samples (decodes), in order
+            hidden = hidden[inp.logits_indices]
+        return self.model.compute_logits(hidden), inp.sampled
 
     def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                  meta: AttentionMetadata) -> torch.Tensor:

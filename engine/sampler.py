@@ -7,6 +7,7 @@ penalties, before truncation. Each random row draws from its own
 """
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 
@@ -54,10 +55,9 @@ class Sampler:
             else:
                 plain_rows.append(row)
         # Converting bf16 or fp16 to float32 is exact and keeps the order of the values, so
-        # the argmax of the raw logits is the token a float32 argmax picks. max().indices is
-        # the argmax (the first maximum on ties), and on CPU the faster of the two.
+        # the argmax of the raw logits is the token a float32 argmax picks.
         if len(plain_rows) == len(params):
-            return [SampleResult(token) for token in logits.max(dim=-1).indices.tolist()]
+            return [SampleResult(token) for token in argmax_rows(logits).tolist()]
 
         # Random rows first: temperature divides one leading slice of `work`.
         rows = random_rows + greedy_rows
@@ -69,9 +69,9 @@ class Sampler:
             max_k = max(params[rows[i]].logprobs for i in want)
             if max_k:
                 top = logprobs.topk(max_k)
-        chosen = [work[len(random_rows):].max(dim=-1).indices]
+        chosen = [argmax_rows(work[len(random_rows):])]
         if plain_rows:
-            chosen.append(logits[plain_rows].max(dim=-1).indices)
+            chosen.append(argmax_rows(logits[plain_rows]))
         probs = [truncate(work[i], params[row]).softmax(-1) for i, row in enumerate(random_rows)]
         drawn = [_draw(row_probs, seqs[row].generator)
                  for row, row_probs in zip(random_rows, probs, strict=True)]
@@ -124,6 +124,26 @@ def _fill_logprobs(results: list[SampleResult], rows: list[int], params: list[Sa
         if k:
             res.top_logprobs = dict(zip(top_ids[i][:k], top_values[i][:k], strict=True))
             res.top_logprobs[res.token_id] = lp
+
+
+def argmax_rows(x: torch.Tensor) -> torch.Tensor:
+    """`x.argmax(-1)` of a [rows, vocab] tensor (the first maximum on ties), faster on the
+    CPU, where argmax runs unvectorised: `amax` over blocks of each row finds the block
+    holding the maximum, and argmax then searches that block alone."""
+    rows, vocab = x.shape
+    size = _argmax_block(vocab)
+    if x.device.type != "cpu" or size is None or rows == 0:
+        return x.argmax(-1)
+    blocks = x.reshape(rows, vocab // size, size)
+    best = blocks.amax(-1).argmax(-1)
+    return best * size + blocks[torch.arange(rows), best].argmax(-1)
+
+
+@lru_cache
+def _argmax_block(vocab: int) -> int | None:
+    """The largest divisor of `vocab` in [32, 128] (a block size that keeps both passes
+    short), or None."""
+    return next((size for size in range(128, 31, -1) if vocab % size == 0), None)
 
 
 def _edits_logits(seq: Sequence, p: SamplingParams) -> bool:

@@ -79,6 +79,7 @@ class Scheduler:
         self.num_prompt_tokens = 0
         self.waiting: deque[SequenceGroup] = deque()
         self.running: list[SequenceGroup] = []
+        self._running_sorted = True  # in preemption order; appends may break it
         self.swapped: deque[SequenceGroup] = deque()
         self.num_preemptions = 0
         self.num_swapped_out_blocks = 0
@@ -141,7 +142,9 @@ class Scheduler:
         self._fork_copies = []
         budget = self.config.max_num_batched_tokens
         num_seqs = 0
-        self.running.sort(key=lambda g: g.preemption_key)
+        if not self._running_sorted:
+            self.running.sort(key=lambda g: g.preemption_key)
+            self._running_sorted = True
         i = 0
         while i < len(self.running) and budget > 0:
             group = self.running[i]
@@ -161,6 +164,10 @@ class Scheduler:
         return out
 
     def _plan_tokens(self, group: SequenceGroup, budget: int) -> list[tuple[Sequence, int]]:
+        if len(group.seqs) == 1:  # the common case, kept short: one live sequence
+            seq = group.seqs[0]
+            n = min(len(seq.token_ids) - seq.num_computed_tokens, budget)
+            return [(seq, n)] if n > 0 else []
         seqs = group.live_seqs()
         if len(seqs) > 1 and any(not s.block_table for s in seqs):
             seqs = self._recompute_shared(seqs)
@@ -201,6 +208,8 @@ class Scheduler:
         return seqs
 
     def _blocks_needed(self, plan: list[tuple[Sequence, int]]) -> int:
+        if len(plan) == 1:
+            return self.bm.num_new_blocks(*plan[0])
         return sum(self.bm.num_new_blocks(seq, n) for seq, n in plan)
 
     def _make_room(self, group: SequenceGroup, plan: list[tuple[Sequence, int]],
@@ -230,13 +239,16 @@ class Scheduler:
 
     def _commit(self, group: SequenceGroup, plan: list[tuple[Sequence, int]],
                 out: SchedulerOutput) -> int:
+        bm, bs, total = self.bm, self.bm.block_size, 0
         for seq, n in plan:
-            self.bm.allocate_slots(seq, n, out.blocks_to_copy)
-            self.bm.cache_full_blocks(seq, n)
+            bm.allocate_slots(seq, n, out.blocks_to_copy)
+            if (seq.num_computed_tokens + n) // bs > seq.num_computed_tokens // bs:
+                bm.cache_full_blocks(seq, n)  # only when the step fills a block
             out.scheduled.append(ScheduledSeq(seq, group, n))
+            total += n
         if group.metrics.first_scheduled_time is None:
             group.metrics.first_scheduled_time = time.time()
-        return sum(n for _, n in plan)
+        return total
 
     def _preempt(self, group: SequenceGroup, out: SchedulerOutput) -> None:
         self.running.remove(group)
@@ -292,6 +304,7 @@ class Scheduler:
             for seq in seqs:
                 seq.status = SequenceStatus.RUNNING
             self.running.append(group)
+            self._running_sorted = False
             budget -= self._commit(group, plan, out)
             num_seqs += len(plan)
         return budget, num_seqs
@@ -339,6 +352,7 @@ class Scheduler:
             for seq in seqs:
                 seq.status = SequenceStatus.RUNNING
             self.running.append(group)
+            self._running_sorted = False
             plan = self._plan_tokens(group, budget)
             budget -= self._commit(group, plan, out)
             num_seqs += len(plan)

@@ -27,18 +27,15 @@ class SequenceStatus(enum.Enum):
 
     @property
     def finished(self) -> bool:
-        return self in _FINISHED
+        # Identity tests: hashing an enum member runs Python code, and this is hot.
+        return (self is SequenceStatus.FINISHED_STOPPED or self is SequenceStatus.FINISHED_LENGTH
+                or self is SequenceStatus.FINISHED_ABORTED)
 
     @property
     def finish_reason(self) -> str | None:
         return _FINISH_REASONS.get(self)
 
 
-_FINISHED = {
-    SequenceStatus.FINISHED_STOPPED,
-    SequenceStatus.FINISHED_LENGTH,
-    SequenceStatus.FINISHED_ABORTED,
-}
 _FINISH_REASONS = {
     SequenceStatus.FINISHED_STOPPED: "stop",
     SequenceStatus.FINISHED_LENGTH: "length",

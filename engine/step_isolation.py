@@ -100,9 +100,13 @@ def plan_samples(sampled: list[ScheduledSeq], scheduler: Scheduler
     failed: list[tuple[SequenceGroup, Exception]] = []
     for row, entry in enumerate(sampled):
         group, seq = entry.group, entry.seq
-        if seq.status is not SequenceStatus.RUNNING or any(g is group for g, _ in failed):
+        if seq.status is not SequenceStatus.RUNNING or (
+                failed and any(g is group for g, _ in failed)):
             continue
         plan = plans.get(group.request_id)
+        if plan is None and group.beam is None and group.params.n == 1:
+            plans[group.request_id] = SamplePlan(group, [seq], [row])  # the common case
+            continue
         if plan is None:
             plan = plans[group.request_id] = SamplePlan(
                 group, group.seqs if group.beam is not None else [], [])
@@ -148,10 +152,12 @@ def compute_tokens(plans: list[SamplePlan], logits: torch.Tensor, sampler: Sampl
         # Every row sampled once, in order (no forks, no beams): no copy needed.
         picked = logits if rows == list(range(len(logits))) else logits[rows]
         seqs = [s for p in sampling for s in p.seqs]
-        samples = iter(sampler(picked, seqs, [p.group.params for p in sampling
-                                              for _ in p.seqs]))
+        samples = sampler(picked, seqs, [p.group.params for p in sampling for _ in p.seqs])
+        i = 0
         for plan in sampling:
-            results[plan.group.request_id] = [next(samples) for _ in plan.seqs]
+            k = len(plan.seqs)
+            results[plan.group.request_id] = samples[i:i + k]
+            i += k
     return results
 
 

@@ -22,7 +22,9 @@ class StopChecker:
         """Decode the text `token` completes (where the request needs it as it goes) and
         say whether, and why, the sequence stops; a stop string is cut off its text."""
         new_text = detokenizer.update(self.tokenizer, seq) if seq.detok else ""
-        if seq.num_output_tokens >= p.min_tokens:
+        num_tokens = len(seq.token_ids)
+        num_output_tokens = num_tokens - seq.prompt_len
+        if num_output_tokens >= p.min_tokens:
             if not p.ignore_eos and token in self.eos_token_ids:
                 return SequenceStatus.FINISHED_STOPPED, None
             if token in p.stop_token_ids:
@@ -31,6 +33,6 @@ class StopChecker:
                 matched = detokenizer.find_stop(seq, new_text, p.stop)
                 if matched is not None:
                     return SequenceStatus.FINISHED_STOPPED, matched
-        if seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+        if num_output_tokens >= p.max_tokens or num_tokens >= self.max_model_len:
             return SequenceStatus.FINISHED_LENGTH, None
         return None, None

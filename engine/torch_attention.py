@@ -36,6 +36,11 @@ class DecodeGroup:
 def plan_decode_groups(meta: AttentionMetadata, block_size: int) -> list[DecodeGroup]:
     """Split the decodes, longest context first, into groups wasting little padding."""
     lens = meta.seq_lens_cpu[:meta.num_decodes]
+    if not lens:
+        return []
+    longest, total = max(lens), sum(lens)
+    if longest * len(lens) <= min((1 + MAX_PADDING) * total, MAX_GROUP_SLOTS):
+        return [_decode_group(meta, None, block_size)]  # one group: no need to sort
     order = sorted(range(len(lens)), key=lambda i: -lens[i])
     groups, start = [], 0
     while start < len(order):

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from engine.sampler import Sampler, apply_penalties, truncate
+from engine.sampler import Sampler, apply_penalties, argmax_rows, truncate
 from engine.sampling_params import SamplingParams
 from engine.sequence import Sequence
 
@@ -141,3 +141,16 @@ def test_a_failing_call_leaves_generators_untouched():
     with pytest.raises(RuntimeError):
         Sampler(eos_token_ids=set())(LOGITS.expand(3, -1), seqs, params)
     assert all(torch.equal(s.generator.get_state(), st) for s, st in zip(seqs, states, strict=True))
+
+
+@pytest.mark.parametrize("vocab", [512, 32000, 32064, 1000, 97])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_argmax_rows_equals_torch_argmax_first_maximum_on_ties(vocab, dtype):
+    gen = torch.Generator().manual_seed(vocab)
+    x = torch.randn(7, vocab, generator=gen).to(dtype)
+    x[1, :] = 0.0  # all tied: the first index
+    x[2, vocab // 3] = x[2, vocab - 1] = 100.0  # two maxima in different blocks
+    x[3, -1] = 100.0  # the last element
+    x[4, 5] = float("-inf")
+    assert torch.equal(argmax_rows(x), x.argmax(-1))
+    assert argmax_rows(x)[1] == 0 and argmax_rows(x)[2] == vocab // 3
