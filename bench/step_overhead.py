@@ -47,7 +47,13 @@ from bench.common import (  # noqa: E402
     synchronize,
     timed,
 )
-from engine import LLM, LLMEngine, RequestOutput, SamplingParams  # noqa: E402
+from engine import (  # noqa: E402
+    LLM,
+    LLMEngine,
+    RequestOutput,
+    RequestOutputKind,
+    SamplingParams,
+)
 
 SEED = 0
 PROMPT_LEN = 32
@@ -238,8 +244,10 @@ def engine_run(engine: LLMEngine, case: Case, prompts: list[list[int]], sizes: S
     time the steps that produce tokens T1+1 .. T2, then drain. Seconds per timed step."""
     t1, t2 = sizes.new_tokens
     vocab = RANDOM_MODELS[case.shape]["vocab_size"]
-    # One token past T2, so that nobody finishes in a timed step.
-    params = SamplingParams(temperature=0, max_tokens=t2 + 1, ignore_eos=True)
+    # One token past T2, so that nobody finishes in a timed step. Final outputs only, as
+    # LLM.generate and the worker ask (a per-step report of every request is optional).
+    params = SamplingParams(temperature=0, max_tokens=t2 + 1, ignore_eos=True,
+                            output_kind=RequestOutputKind.FINAL_ONLY)
     for prompt in prompts:
         engine.add_request(f"decode-{next(ids)}", prompt, params)
     step_until_decoding(engine, case)
@@ -348,7 +356,9 @@ def render(header: dict[str, str], rows: list[Row], sizes: Sizes) -> str:
         f"steps untimed to token {t1}, then times `llm.engine.step()` over the next "
         f"{t2 - t1} steps. The breakdown is the median run's: scheduler.schedule, "
         "runner.prepare, the forward and logits (runner.execute less prepare), the sampler, "
-        "and post, the rest of step() (applying tokens, stop checks, freeing, outputs)"
+        "and post, the rest of step() (applying tokens, stop checks, freeing, outputs). "
+        "Requests ask for final outputs only (RequestOutputKind.FINAL_ONLY), as "
+        "LLM.generate and the worker do"
         + ("; CUDA is synchronised around each timed call." if header["device"] != "cpu"
            else "."),
         "mixed: before each step a fresh 512-token prompt asking for one token is added "
