@@ -34,7 +34,8 @@ def decode_output(tokenizer: PreTrainedTokenizerBase, prompt_token_ids: list[int
     context = prompt_token_ids[-_CONTEXT_TOKENS:]
     prefix = tokenizer.decode(context, skip_special_tokens=True)
     full = tokenizer.decode(context + output_token_ids, skip_special_tokens=True)
-    return full[len(prefix):]
+    # Like `update`, which never emits an unfinished multi-byte character.
+    return full[len(prefix):].rstrip("\ufffd")
 
 
 def find_stop(seq: Sequence, new_text: str, stops: list[str]) -> str | None:

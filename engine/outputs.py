@@ -75,7 +75,8 @@ def completions(group: SequenceGroup, decode: Callable[[list[int], list[int]], s
     seqs = group.seqs if len(group.seqs) == 1 else sorted(group.seqs, key=lambda s: s.index)
     outs = []
     for s in seqs:
-        tokens, logprobs = s.output_token_ids, s.logprobs if want_logprobs else None
+        # Copies: an output handed out earlier must not grow with the sequence.
+        tokens, logprobs = s.output_token_ids, list(s.logprobs) if want_logprobs else None
         text = s.text if s.detok else decode(group.prompt_token_ids, tokens)
         if held and not s.status.finished:
             text = text[:max(len(text) - held, s.num_reported_chars)]

@@ -89,7 +89,8 @@ class Sampler:
                        params: list[SamplingParams]) -> torch.Tensor:
         """`rows` of the logits in float32, after penalties, min_tokens and (for the first
         `num_random` rows, the random ones) temperature; never the caller's tensor if edited."""
-        work = (logits if len(rows) == logits.shape[0] else logits[rows]).float()
+        in_order = rows == list(range(logits.shape[0]))
+        work = (logits if in_order else logits[rows]).float()
         temps = [params[row].temperature for row in rows[:num_random]]
         scale = any(t != 1.0 for t in temps)
         if work is logits and (edited or scale):

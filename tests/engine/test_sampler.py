@@ -154,3 +154,13 @@ def test_argmax_rows_equals_torch_argmax_first_maximum_on_ties(vocab, dtype):
     x[4, 5] = float("-inf")
     assert torch.equal(argmax_rows(x), x.argmax(-1))
     assert argmax_rows(x)[1] == 0 and argmax_rows(x)[2] == vocab // 3
+
+
+def test_each_row_keeps_its_own_result_when_random_rows_come_after_greedy_ones():
+    logits = torch.full((2, 8), -10.0)
+    logits[0, 3] = logits[1, 6] = 10.0
+    seqs = [Sequence(0, [5, 6], 2), Sequence(1, [5, 6], 2, torch.Generator().manual_seed(0))]
+    results = Sampler({2})(logits, seqs, [SamplingParams(temperature=0, logprobs=1),
+                                          SamplingParams(temperature=1.0, seed=0)])
+    assert [r.token_id for r in results] == [3, 6]
+    assert results[0].logprob == pytest.approx(0.0, abs=1e-6) and results[1].logprob is None
