@@ -15,6 +15,17 @@ import pytest  # noqa: E402
 from engine.model_loader import resolve_model_path  # noqa: E402
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models gain nothing from threads, and on a loaded machine a second thread that
+    spins between ops can make a step 100x slower. Modules opt in with
+    `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     """The built-in SmolLM2-135M-Instruct, converted once into the cache folder."""

@@ -27,13 +27,7 @@ MAX_MODEL_LEN = 96
 NUM_REQUESTS = 80
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a loaded machine threads spin."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ---- BlockTables alone ------------------------------------------------------------

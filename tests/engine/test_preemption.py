@@ -29,13 +29,7 @@ MAX_MODEL_LEN = 128  # the engine wants one sequence of max_model_len to fit the
 Params = SamplingParams | BeamSearchParams
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a loaded machine threads spin: 100x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
