@@ -18,11 +18,13 @@ _HOMES = {
     "RequestOutput": "engine.outputs",
     "RequestOutputKind": "engine.sampling_params",
     "SamplingParams": "engine.sampling_params",
+    "StructuredOutputsParams": "engine.sampling_params",
 }
 
 __all__ = [
     "LLM", "BeamSearchParams", "CompletionOutput", "EngineConfig", "EngineStats", "LLMEngine",
     "RequestMetrics", "RequestOutput", "RequestOutputKind", "SamplingParams",
+    "StructuredOutputsParams",
 ]
 
 if TYPE_CHECKING:
@@ -30,7 +32,12 @@ if TYPE_CHECKING:
     from engine.llm import LLM
     from engine.llm_engine import LLMEngine
     from engine.outputs import CompletionOutput, EngineStats, RequestOutput
-    from engine.sampling_params import BeamSearchParams, RequestOutputKind, SamplingParams
+    from engine.sampling_params import (
+        BeamSearchParams,
+        RequestOutputKind,
+        SamplingParams,
+        StructuredOutputsParams,
+    )
     from engine.sequence import RequestMetrics
 
 

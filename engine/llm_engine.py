@@ -42,9 +42,11 @@ from engine.step_isolation import (
     plan_samples,
 )
 from engine.stop_checker import StopChecker
+from engine.structured_output import Grammar, StructuredOutputManager
 
 logger = logging.getLogger(__name__)
 
+GRAMMAR_WAIT_S = 0.05
 NewRequest = tuple[str, Prompt, Params | None, int]  # request_id, prompt, params, priority
 
 
@@ -91,6 +93,8 @@ class LLMEngine:
         self.scheduler = Scheduler(
             config, num_device_blocks, num_cpu_blocks, self.seq_factory,
             StopChecker(self.eos_token_ids, self.max_model_len, self.tokenizer))
+        self.structured = StructuredOutputManager(self.tokenizer, hc.vocab_size,
+                                                  self.eos_token_ids, self.model_path)
         self.checker = RequestChecker(config, self.model_path, hc.vocab_size,
                                       self.max_model_len, self.tokenizer, self.block_manager)
         self.requests: dict[str, SequenceGroup] = {}
@@ -151,8 +155,9 @@ class LLMEngine:
         params = params or SamplingParams()
         self._check_id(request_id)
         token_ids = self.checker.check(prompt, params, priority, deadline)
+        grammar = self._grammar(params)
         self._enqueue(self.seq_factory.new_group(request_id, prompt, token_ids, params,
-                                                 priority, deadline))
+                                                 priority, deadline, grammar))
 
     def add_requests(self, requests: list[NewRequest]) -> None:
         """Queue (request_id, prompt, params, priority) requests: all of them, or, when
@@ -167,11 +172,18 @@ class LLMEngine:
             seen.add(request_id)
         checked = [self.checker.check(prompt, params, priority, None)
                    for _, prompt, params, priority in requests]
-        groups = [self.seq_factory.new_group(rid, prompt, ids, params, priority, None)
-                  for (rid, prompt, params, priority), ids in zip(requests, checked,
-                                                                   strict=True)]
+        grammars = [self._grammar(params) for _, _, params, _ in requests]
+        groups = [self.seq_factory.new_group(rid, prompt, ids, params, priority, None, grammar)
+                  for (rid, prompt, params, priority), ids, grammar
+                  in zip(requests, checked, grammars, strict=True)]
         for group in groups:
             self._enqueue(group)
+
+    def _grammar(self, params: Params) -> Grammar | None:
+        """The request's grammar, compiling in the background (an invalid spec is a
+        ValueError naming the field, raised here)."""
+        spec = getattr(params, "structured_outputs", None)
+        return None if spec is None else self.structured.prepare(spec)
 
     def _check_id(self, request_id: str) -> None:
         if not isinstance(request_id, str):
@@ -223,6 +235,9 @@ class LLMEngine:
         if sched.scheduled:
             updated = self._run(sched.scheduled)
             c["num_steps"] += 1
+        elif sched.compiling:
+            # Nothing else can run: wait a little for a grammar rather than spin.
+            sched.compiling[0].grammar.wait(GRAMMAR_WAIT_S)
         elif not (sched.preempted or self._aborted) and self.scheduler.has_unfinished():
             self._abort_stuck()
         outputs = [out for g in updated if (out := self._report(g)) is not None]

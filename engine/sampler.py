@@ -1,9 +1,10 @@
 """Turn next-token logits into tokens, one row per sequence.
 
-Order of processing, as in vLLM: penalties, min_tokens, temperature, then
-top-k / top-p / min-p truncation. Logprobs are taken after temperature and
-penalties, before truncation. Each random row draws from its own
-`torch.Generator`, so a seeded request samples the same tokens in any batch.
+Order of processing, as in vLLM: the grammar's token mask (structured output),
+penalties, min_tokens, temperature, then top-k / top-p / min-p truncation.
+Logprobs are taken after the mask, penalties and temperature, before
+truncation. Each random row draws from its own `torch.Generator`, so a seeded
+request samples the same tokens in any batch.
 """
 
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ import torch
 
 from engine.sampling_params import SamplingParams
 from engine.sequence import Sequence
+from engine.structured_output import TokenMasks, apply_token_masks
 
 
 @dataclass(slots=True)
@@ -29,8 +31,10 @@ class Sampler:
         self.eos_token_ids = eos_token_ids
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence],
-                 params: list[SamplingParams]) -> list[SampleResult]:
-        """Sample one token per row; the caller's logits stay as they were.
+                 params: list[SamplingParams], masks: TokenMasks | None = None
+                 ) -> list[SampleResult]:
+        """Sample one token per row; the caller's logits stay as they were. Rows in `masks`
+        sample only the tokens their grammar allows.
 
         Only rows that sample, edit their logits or want logprobs are copied to
         float32; log-softmax runs over the rows that want logprobs only. Random
@@ -44,8 +48,9 @@ class Sampler:
         greedy_rows: list[int] = []  # greedy rows that edit their logits or want logprobs
         plain_rows: list[int] = []  # greedy rows that take the argmax of their raw logits
         edited: list[int] = []
+        constrained = set(masks.rows) if masks is not None else ()
         for row, (seq, p) in enumerate(zip(seqs, params, strict=True)):
-            edits = _edits_logits(seq, p)
+            edits = row in constrained or _edits_logits(seq, p)
             if edits:
                 edited.append(row)
             if not p.greedy:
@@ -61,7 +66,7 @@ class Sampler:
 
         # Random rows first: temperature divides one leading slice of `work`.
         rows = random_rows + greedy_rows
-        work = self._edited_logits(logits, rows, len(random_rows), edited, seqs, params)
+        work = self._edited_logits(logits, rows, len(random_rows), edited, seqs, params, masks)
         want = [i for i, row in enumerate(rows) if params[row].logprobs is not None]
         logprobs = top = None
         if want:
@@ -85,10 +90,11 @@ class Sampler:
         return results
 
     def _edited_logits(self, logits: torch.Tensor, rows: list[int], num_random: int,
-                       edited: list[int], seqs: list[Sequence],
-                       params: list[SamplingParams]) -> torch.Tensor:
-        """`rows` of the logits in float32, after penalties, min_tokens and (for the first
-        `num_random` rows, the random ones) temperature; never the caller's tensor if edited."""
+                       edited: list[int], seqs: list[Sequence], params: list[SamplingParams],
+                       masks: TokenMasks | None) -> torch.Tensor:
+        """`rows` of the logits in float32, after the grammar's masks, penalties, min_tokens
+        and (for the first `num_random` rows, the random ones) temperature; never the
+        caller's tensor if edited."""
         in_order = rows == list(range(logits.shape[0]))
         work = (logits if in_order else logits[rows]).float()
         temps = [params[row].temperature for row in rows[:num_random]]
@@ -96,6 +102,8 @@ class Sampler:
         if work is logits and (edited or scale):
             work = work.clone()
         local = {row: i for i, row in enumerate(rows)}
+        if masks is not None:
+            apply_token_masks(work, masks, [local[row] for row in masks.rows])
         for row in edited:
             apply_penalties(work[local[row]], seqs[row], params[row])
             self._apply_min_tokens(work[local[row]], seqs[row], params[row])
@@ -106,8 +114,14 @@ class Sampler:
     def _apply_min_tokens(self, row: torch.Tensor, seq: Sequence, p: SamplingParams) -> None:
         if seq.num_output_tokens < p.min_tokens:
             banned = set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_token_ids)
-            if banned:
-                row[list(banned)] = -float("inf")
+            if not banned:
+                return
+            banned = list(banned)
+            kept = row[banned].clone() if seq.matcher is not None else None
+            row[banned] = -float("inf")
+            # A grammar that allows only ending here wins over min_tokens.
+            if kept is not None and torch.isneginf(row).all():
+                row[banned] = kept
 
 
 def _fill_logprobs(results: list[SampleResult], rows: list[int], params: list[SamplingParams],

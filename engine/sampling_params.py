@@ -7,8 +7,9 @@ What depends on the loaded model (vocabulary, batch limits) is checked by the en
 """
 
 import enum
+import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 MAX_LOGPROBS = 20
 _SEED_RANGE = range(-2**63, 2**64)  # what torch.Generator.manual_seed accepts
@@ -20,6 +21,62 @@ class RequestOutputKind(enum.Enum):
     CUMULATIVE = "cumulative"  # everything generated so far, every step
     DELTA = "delta"            # only what is new since the last report
     FINAL_ONLY = "final_only"  # nothing until the request finishes, then everything
+
+
+@dataclass(slots=True)
+class StructuredOutputsParams:
+    """Constrain the output to a structure (vLLM's names): exactly one of a JSON schema
+    (`json`, a dict or its JSON text), any JSON object (`json_object=True`), a regular
+    expression (`regex`), one of a list of strings (`choice`) or an EBNF grammar
+    (`grammar`, as xgrammar reads it, with a `root` rule).
+
+    JSON is generated without free whitespace between tokens unless `any_whitespace`
+    (small models otherwise run on in newlines until `max_tokens`). Whether a schema,
+    regex or grammar is valid is checked by the engine, which compiles it.
+    """
+
+    json: dict | str | None = None
+    json_object: bool = False
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    any_whitespace: bool = False
+
+    def __post_init__(self) -> None:
+        name = "structured_outputs"
+        _check(self.json is None or isinstance(self.json, dict | str), f"{name}.json",
+               "must be a JSON schema (a dict or its JSON text)", self.json)
+        if isinstance(self.json, str):
+            try:
+                parsed = json.loads(self.json)
+            except ValueError as exc:
+                raise ValueError(f"{name}.json is not valid JSON: {exc}") from None
+            _check(isinstance(parsed, dict), f"{name}.json", "must be a JSON object",
+                   self.json)
+        _check(isinstance(self.json_object, bool), f"{name}.json_object", "must be a bool",
+               self.json_object)
+        _check(self.regex is None or (isinstance(self.regex, str) and self.regex),
+               f"{name}.regex", "must be a non-empty str", self.regex)
+        if self.choice is not None:
+            self.choice = _as_list(self.choice, f"{name}.choice")
+            _check(bool(self.choice) and all(isinstance(c, str) and c for c in self.choice),
+                   f"{name}.choice", "must be a non-empty list of non-empty strings",
+                   self.choice)
+        _check(self.grammar is None or (isinstance(self.grammar, str) and self.grammar),
+               f"{name}.grammar", "must be a non-empty str", self.grammar)
+        _check(isinstance(self.any_whitespace, bool), f"{name}.any_whitespace",
+               "must be a bool", self.any_whitespace)
+        kinds = [k for k in STRUCTURE_KINDS if getattr(self, k) not in (None, False)]
+        _check(len(kinds) == 1, name, "must set exactly one of " + ", ".join(STRUCTURE_KINDS),
+               kinds)
+
+    @property
+    def kind(self) -> str:
+        """The one structure field that is set."""
+        return next(k for k in STRUCTURE_KINDS if getattr(self, k) not in (None, False))
+
+
+STRUCTURE_KINDS = ("json", "json_object", "regex", "choice", "grammar")
 
 
 @dataclass(slots=True)
@@ -46,6 +103,7 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None
+    structured_outputs: StructuredOutputsParams | None = None
     # How the caller reads results, not what is generated: not a job field.
     output_kind: RequestOutputKind = field(default=RequestOutputKind.CUMULATIVE,
                                            metadata={"job_field": False})
@@ -55,6 +113,12 @@ class SamplingParams:
             self.stop = [self.stop]
         self.stop = _as_list(self.stop, "stop")
         self.stop_token_ids = _as_list(self.stop_token_ids, "stop_token_ids")
+        if isinstance(self.structured_outputs, dict):  # as a job's JSON gives it
+            self.structured_outputs = _structured_from_dict(self.structured_outputs)
+        _check(self.structured_outputs is None
+               or isinstance(self.structured_outputs, StructuredOutputsParams),
+               "structured_outputs", "must be None or a StructuredOutputsParams",
+               self.structured_outputs)
         _check_floats(self, "temperature", "top_p", "min_p", "repetition_penalty",
                       "presence_penalty", "frequency_penalty")
         _check(_is_int(self.n) and self.n >= 1, "n", "must be an int >= 1", self.n)
@@ -125,6 +189,13 @@ class BeamSearchParams:
                "stop_token_ids", "must hold int token ids >= 0", self.stop_token_ids)
         _check(isinstance(self.ignore_eos, bool), "ignore_eos", "must be a bool",
                self.ignore_eos)
+
+
+def _structured_from_dict(data: dict) -> StructuredOutputsParams:
+    known = {f.name for f in fields(StructuredOutputsParams)}
+    unknown = sorted(map(str, set(data) - known))
+    _check(not unknown, "structured_outputs", "has unknown fields", unknown)
+    return StructuredOutputsParams(**data)
 
 
 def _is_int(value: object) -> bool:

@@ -57,7 +57,11 @@ class SchedulerOutput:
     blocks_to_swap_in: dict[int, int] = field(default_factory=dict)
     blocks_to_copy: list[tuple[int, int]] = field(default_factory=list)
     preempted: list[SequenceGroup] = field(default_factory=list)
+    # Requests that can never run (too big for the pool, or their grammar failed to
+    # compile), each with its abort_reason: the engine aborts them.
     never_fit: list[SequenceGroup] = field(default_factory=list)
+    # Waiting requests passed over because their grammar is still compiling.
+    compiling: list[SequenceGroup] = field(default_factory=list)
     # Sequences (by id) whose block table changed since the last step was scheduled.
     changed_tables: dict[int, Sequence] = field(default_factory=dict)
 
@@ -326,8 +330,17 @@ class Scheduler:
         return shared + sum(self.bm.blocks_for(s.num_tokens) - shared for s in seqs)
 
     def _admit_waiting(self, out: SchedulerOutput, budget: int, num_seqs: int) -> None:
+        """Admit waiting requests in order while they fit; one whose grammar is still
+        compiling keeps its place, and those behind it are admitted past it."""
+        compiling: list[SequenceGroup] = []
         while self.waiting and budget > 0:
             group = self.waiting[0]
+            if group.grammar is not None and not group.grammar.ready:
+                compiling.append(self.waiting.popleft())
+                continue
+            if group.grammar is not None and not self._start_matchers(group, out):
+                self.waiting.popleft()
+                continue
             seqs = group.live_seqs()
             if num_seqs + len(seqs) > self.config.max_num_seqs:
                 break
@@ -356,6 +369,23 @@ class Scheduler:
             plan = self._plan_tokens(group, budget)
             budget -= self._commit(group, plan, out)
             num_seqs += len(plan)
+        self.waiting.extendleft(reversed(compiling))
+        out.compiling = compiling
+
+    def _start_matchers(self, group: SequenceGroup, out: SchedulerOutput) -> bool:
+        """Give each sequence of a request whose grammar is compiled a matcher, unless it
+        has one (a matcher follows its sequence through preemptions, as its tokens do).
+        False, and the request in `out.never_fit`, when the grammar failed to compile."""
+        grammar = group.grammar
+        error = grammar.error()
+        if error is not None:
+            group.abort_reason = error
+            out.never_fit.append(group)
+            return False
+        for seq in group.live_seqs():
+            if seq.matcher is None:
+                seq.matcher = grammar.new_matcher()
+        return True
 
     def _admission_blocks(self, group: SequenceGroup, prefix: CachedPrefix,
                           budget: int) -> int | None:
@@ -442,11 +472,16 @@ class Scheduler:
         want_logprobs = params.logprobs is not None
         for seq, res in zip(plan.seqs, result, strict=True):
             token = res.token_id
+            matcher = seq.matcher
+            if matcher is not None and not matcher.accept_token(token):
+                raise RuntimeError(f"the grammar rejects token {token} it was masked to allow")
             seq.token_ids.append(token)
             if want_logprobs:
                 seq.cumulative_logprob += res.logprob
                 seq.logprobs.append(res.top_logprobs or {token: res.logprob})
             status, reason = check(seq, params, token)
+            if status is None and matcher is not None and matcher.is_terminated():
+                status = SequenceStatus.FINISHED_STOPPED  # the structure is complete
             if status is not None:
                 self.finish_seq(seq, status)
                 seq.stop_reason = reason

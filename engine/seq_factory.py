@@ -14,6 +14,7 @@ from engine.beam_search import BeamState
 from engine.request_checks import Params, Prompt
 from engine.sampling_params import BeamSearchParams, SamplingParams
 from engine.sequence import RequestMetrics, Sequence, SequenceGroup, SequenceStatus
+from engine.structured_output import Grammar
 
 
 class SequenceFactory:
@@ -26,7 +27,8 @@ class SequenceFactory:
         self._rng = random.Random(seed)  # seeds of the requests that bring none
 
     def new_group(self, request_id: str, prompt: Prompt, token_ids: list[int], params: Params,
-                  priority: int, deadline: float | None) -> SequenceGroup:
+                  priority: int, deadline: float | None, grammar: Grammar | None = None
+                  ) -> SequenceGroup:
         """A request's group with its first sequence; draws its seed and sequence id."""
         seed = getattr(params, "seed", None)
         group = SequenceGroup(
@@ -39,6 +41,7 @@ class SequenceFactory:
             priority=priority,
             deadline=deadline,
             seed=seed if seed is not None else self._rng.getrandbits(62),
+            grammar=grammar,
         )
         if isinstance(params, BeamSearchParams):
             stops = set(params.stop_token_ids) | (set() if params.ignore_eos
@@ -63,11 +66,13 @@ class SequenceFactory:
         return seq
 
     def clone(self, group: SequenceGroup, parent: Sequence, index: int) -> Sequence:
-        """Sequence `index` of `group`, running, with `parent`'s tokens and no blocks yet
-        (the scheduler shares the parent's)."""
+        """Sequence `index` of `group`, running, with `parent`'s tokens, a copy of its
+        grammar matcher and no blocks yet (the scheduler shares the parent's)."""
         child = self.new_seq(group, index)
         child.token_ids = list(parent.token_ids)
         child.num_computed_tokens = parent.num_computed_tokens
         child.cumulative_logprob = parent.cumulative_logprob
         child.status = SequenceStatus.RUNNING
+        if parent.matcher is not None:
+            child.matcher = parent.matcher.fork()
         return child

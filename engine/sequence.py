@@ -14,7 +14,10 @@ import torch
 from engine.sampling_params import BeamSearchParams, SamplingParams
 
 if TYPE_CHECKING:
+    from xgrammar import GrammarMatcher
+
     from engine.beam_search import BeamState
+    from engine.structured_output import Grammar
 
 
 class SequenceStatus(enum.Enum):
@@ -71,6 +74,8 @@ class Sequence:
     logprobs: list[dict[int, float]] = field(default_factory=list)
     detok: Detokenizer | None = None
     stop_reason: int | str | None = None
+    # Where the sequence stands in its request's grammar (structured output), if any.
+    matcher: "GrammarMatcher | None" = None
     # What earlier outputs reported (RequestOutputKind.DELTA reports only the rest).
     num_reported_tokens: int = 0
     num_reported_chars: int = 0
@@ -132,6 +137,8 @@ class SequenceGroup:
     seed: int = 0
     abort_reason: str | None = None
     beam: "BeamState | None" = None
+    # The compiled (or compiling) grammar of a request with structured output.
+    grammar: "Grammar | None" = None
 
     @property
     def arrival_time(self) -> float:

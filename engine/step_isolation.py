@@ -17,6 +17,7 @@ import torch
 from engine.sampler import Sampler
 from engine.scheduler import SamplePlan, ScheduledSeq, Scheduler, StepResult
 from engine.sequence import SequenceGroup, SequenceStatus
+from engine.structured_output import fill_token_masks
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -152,7 +153,11 @@ def compute_tokens(plans: list[SamplePlan], logits: torch.Tensor, sampler: Sampl
         # Every row sampled once, in order (no forks, no beams): no copy needed.
         picked = logits if rows == list(range(len(logits))) else logits[rows]
         seqs = [s for p in sampling for s in p.seqs]
-        samples = sampler(picked, seqs, [p.group.params for p in sampling for _ in p.seqs])
+        masks = None
+        if any(p.group.grammar is not None for p in sampling):
+            masks = fill_token_masks([s.matcher for s in seqs], logits.shape[-1])
+        samples = sampler(picked, seqs, [p.group.params for p in sampling for _ in p.seqs],
+                          masks)
         i = 0
         for plan in sampling:
             k = len(plan.seqs)

@@ -12,7 +12,8 @@ import enum
 import hashlib
 import json
 import re
-from typing import Any, Self, get_type_hints
+import warnings
+from typing import Any, Literal, Self, get_args, get_type_hints
 
 from pydantic import (
     BaseModel,
@@ -52,7 +53,24 @@ def _field_spec(field: dataclasses.Field[Any], annotation: Any) -> tuple[Any, An
     if field.default_factory is not dataclasses.MISSING:
         # Lists (stop, stop_token_ids) may also be given as null, as the engine allows.
         return annotation | None, Field(default_factory=field.default_factory)
+    nested = [t for t in get_args(annotation) if dataclasses.is_dataclass(t)]
+    if nested:  # an optional group of fields (structured_outputs): a nested object
+        return _fields_model(nested[0]) | None, field.default
     return annotation, field.default
+
+
+def _fields_model(cls: type) -> type[BaseModel]:
+    """A dataclass's fields as a pydantic model with its names, types and defaults; its
+    rules are checked where the outer engine object is built from it."""
+    hints = get_type_hints(cls)
+    with warnings.catch_warnings():
+        # `json` (a schema) shadows BaseModel's deprecated json() method: harmless here.
+        warnings.filterwarnings("ignore", "Field name .* shadows an attribute", UserWarning)
+        return create_model(
+            cls.__name__,
+            __config__=ConfigDict(extra="forbid", frozen=True),
+            **{f.name: _field_spec(f, hints[f.name]) for f in dataclasses.fields(cls)},
+        )
 
 
 class _EngineChecked(BaseModel):
@@ -64,8 +82,9 @@ class _EngineChecked(BaseModel):
             SamplingParams(**self.model_dump())
         except ValueError as exc:
             message = str(exc)
-            name = message.split(" ", 1)[0]
-            raise _BrokenRule(name if name in type(self).model_fields else "", message) from None
+            name = message.split(" ", 1)[0]  # "max_tokens", "structured_outputs.json", ...
+            known = name.split(".", 1)[0] in type(self).model_fields
+            raise _BrokenRule(name if known else "", message) from None
         return self
 
 
@@ -98,12 +117,29 @@ def _check_text(text: str, field: str = "") -> None:
         raise _BrokenRule(field, problem)
 
 
-class JobRequest(BaseModel):
-    """One generation job as a producer submits it."""
+class ChatMessage(BaseModel):
+    """One message of a chat job, in OpenAI's shape."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    prompt: str | list[int]
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+    @field_validator("content")
+    @classmethod
+    def _storable_content(cls, content: str) -> str:
+        _check_text(content)
+        return content
+
+
+class JobRequest(BaseModel):
+    """One generation job as a producer submits it: a prompt, or chat messages."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    prompt: str | list[int] | None = None
+    # Rendered with the model's chat template and its generation prompt.
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
     params: GenerationParams = GenerationParams()  # type: ignore[valid-type]
     # Lower runs sooner, as in the engine's scheduler.
     priority: int = Field(0, ge=0, le=9)
@@ -117,7 +153,9 @@ class JobRequest(BaseModel):
 
     @field_validator("prompt")
     @classmethod
-    def _storable_prompt(cls, prompt: str | list[int]) -> str | list[int]:
+    def _storable_prompt(cls, prompt: str | list[int] | None) -> str | list[int] | None:
+        if prompt is None:
+            return None
         if not prompt:
             raise ValueError("the prompt is empty")
         if isinstance(prompt, str):
@@ -137,6 +175,11 @@ class JobRequest(BaseModel):
     def _storable_stops(self) -> Self:
         for stop in self.params.stop or ():
             _check_text(stop, "params.stop")
+        if (self.prompt is None) == (self.messages is None):
+            raise _BrokenRule("prompt", "give a prompt or messages, not both nor neither")
+        if self.messages is not None and self.chat:
+            raise _BrokenRule("chat", "applies to a prompt; messages always use the chat "
+                                      "template")
         if self.chat and not isinstance(self.prompt, str):
             raise ValueError("chat needs a text prompt, not token ids")
         return self
@@ -145,6 +188,8 @@ class JobRequest(BaseModel):
         """What the job computes, hashed: the same prompt, params and chat flag
         give the same output whatever the queue, priority or deadline."""
         work = [self.prompt, self.params.model_dump(), self.chat]
+        if self.messages is not None:
+            work.append([m.model_dump() for m in self.messages])
         return hashlib.sha256(json.dumps(work, sort_keys=True).encode()).hexdigest()
 
 

@@ -19,6 +19,14 @@ from worker.schemas import GenerationParams, InvalidJob, QueueKind, parse_job
     ({"prompt": "x", "priority": 10}, "priority"),
     ({"prompt": "x", "deadline_s": 0}, "deadline_s"),
     ({"prompt": [1, 2], "chat": True}, "chat"),
+    ({"prompt": "x", "params": {"structured_outputs": {"regex": "a", "choice": ["b"]}}},
+     "params.structured_outputs: structured_outputs must set exactly one"),
+    ({"prompt": "x", "params": {"structured_outputs": {"json": "{oops"}}},
+     "params.structured_outputs.json: "),
+    ({"prompt": "x", "params": {"structured_outputs": {"choice": []}}},
+     "params.structured_outputs.choice: "),
+    ({"prompt": "x", "params": {"structured_outputs": {"regexp": "a"}}},
+     "params.structured_outputs.regexp: "),
 ])
 def test_invalid_job_names_the_field(job, field):
     with pytest.raises(InvalidJob, match=field.replace(".", r"\.")):
@@ -31,3 +39,17 @@ def test_valid_job_keeps_engine_names_and_defaults():
     assert job.queue is QueueKind.BULK
     assert job.params.model_dump() == {**GenerationParams().model_dump(), "temperature": 0.0,
                                        "stop": ["\n"]}
+
+
+def test_structured_outputs_is_a_nested_object_the_engine_reads():
+    from engine import SamplingParams, StructuredOutputsParams
+
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    job = parse_job({"prompt": "x", "params": {"structured_outputs": {"json": schema}}})
+    params = job.params.model_dump()
+    assert params["structured_outputs"]["json"] == schema
+    assert GenerationParams().model_dump()["structured_outputs"] is None
+    engine_params = SamplingParams(**params)
+    assert engine_params.structured_outputs == StructuredOutputsParams(json=schema)
+    other = parse_job({"prompt": "x", "params": {"structured_outputs": {"regex": "a+"}}})
+    assert job.fingerprint() != other.fingerprint()
