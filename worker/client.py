@@ -82,19 +82,21 @@ class Client:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def submit(self, prompt: str | list[int],
+    def submit(self, prompt: str | list[int] | None = None,
                params: GenerationParams | Mapping[str, Any] | None = None, *,
                priority: int = 0, queue: QueueKind | str = QueueKind.INTERACTIVE,
                idempotency_key: str | None = None, deadline_s: float | None = None,
-               chat: bool = False) -> str:
-        """Validate, store and enqueue one job; returns its id.
+               chat: bool = False, messages: list[Mapping[str, str]] | None = None) -> str:
+        """Validate, store and enqueue one job; returns its id. A job has a prompt, or
+        chat `messages` ([{"role": "system" | "user" | "assistant", "content": ...}]).
 
         Raises InvalidJob (naming the field) or BrokerUnavailable."""
         if isinstance(params, GenerationParams):
             params = params.model_dump()
         job = self._parse({"prompt": prompt, "params": dict(params or {}), "priority": priority,
                            "queue": queue, "idempotency_key": idempotency_key,
-                           "deadline_s": deadline_s, "chat": chat})
+                           "deadline_s": deadline_s, "chat": chat,
+                           "messages": None if messages is None else list(messages)})
         return self._submit([job])[0]
 
     def submit_many(self, requests: Iterable[JobRequest | Mapping[str, Any]]) -> list[str]:
@@ -110,7 +112,10 @@ class Client:
     def _parse(self, request: JobRequest | Mapping[str, Any]) -> JobRequest:
         job = parse_job(request if isinstance(request, JobRequest) else dict(request))
         s, params = self.settings, job.params
-        if isinstance(job.prompt, str):
+        if job.messages is not None:
+            _cap("messages", sum(len(m.content) for m in job.messages), "characters",
+                 s.max_prompt_chars, "MAX_PROMPT_CHARS")
+        elif isinstance(job.prompt, str):
             _cap("prompt", len(job.prompt), "characters", s.max_prompt_chars, "MAX_PROMPT_CHARS")
         else:
             _cap("prompt", len(job.prompt), "token ids", s.max_prompt_token_ids,

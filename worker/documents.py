@@ -24,7 +24,7 @@ from worker.schemas import (
 )
 
 SAMPLING_FIELDS = frozenset(GenerationParams.model_fields)
-LINE_FIELDS = frozenset({"id", "prompt", "text", "priority"})
+LINE_FIELDS = frozenset({"id", "prompt", "text", "messages", "priority"})
 DEFAULT_TEMPLATE = "{text}"
 
 
@@ -82,8 +82,9 @@ def _field_names(template: str) -> Iterator[str]:
 
 
 def read_documents(path: Path, options: JobOptions) -> Iterator[Document | BadLine]:
-    """Each line: {"id": ..., "prompt": ...} or {"id": ..., "text": ...} (placed into
-    the template) plus optional sampling fields. A bad line is yielded as BadLine."""
+    """Each line: {"id": ..., "prompt": ...}, {"id": ..., "text": ...} (placed into
+    the template) or {"id": ..., "messages": [{"role": ..., "content": ...}, ...]}, plus
+    optional sampling fields. A bad line is yielded as BadLine."""
     allowed = LINE_FIELDS | SAMPLING_FIELDS | template_fields(options.template)
     seen: set[str] = set()
     with path.open("rb") as handle:
@@ -125,23 +126,29 @@ def _parse_line(line: str, options: JobOptions, allowed: frozenset[str]) -> Docu
     doc_id = data.get("id")
     if not isinstance(doc_id, str | int) or isinstance(doc_id, bool) or doc_id == "":
         raise ValueError("id: a non-empty string or integer is required")
+    prompt, messages = None, data.get("messages")
+    if not any(key in data for key in ("prompt", "text", "messages")):
+        raise ValueError("needs a prompt, a text or a messages field")
+    if messages is not None and ("prompt" in data or "text" in data):
+        raise ValueError("messages: give them instead of a prompt or a text, not beside")
     if "prompt" in data:
         prompt = data["prompt"]
     elif "text" in data:
         if not isinstance(data["text"], str):
             raise ValueError("text: must be a string")
         prompt = _fill(options.template, data)
-    else:
-        raise ValueError("needs a prompt or a text field")
     params = {**(options.defaults or {}),
               **{k: v for k, v in data.items() if k in SAMPLING_FIELDS}}
-    job = parse_job({"prompt": prompt, "params": params, "queue": options.queue,
-                     "priority": data.get("priority", options.priority), "chat": options.chat})
+    job = parse_job({"prompt": prompt, "messages": messages, "params": params,
+                     "queue": options.queue, "priority": data.get("priority", options.priority),
+                     # Messages always use the chat template; --chat wraps prompts.
+                     "chat": options.chat and messages is None})
     # The key names this exact piece of work: re-running the same file resumes
     # it, while a changed prompt or parameters makes a new job.
-    digest = hashlib.sha256(json.dumps(
-        [str(doc_id), job.prompt, job.params.model_dump(), job.chat], sort_keys=True
-    ).encode()).hexdigest()
+    work = [str(doc_id), job.prompt, job.params.model_dump(), job.chat]
+    if job.messages is not None:
+        work.append([m.model_dump() for m in job.messages])
+    digest = hashlib.sha256(json.dumps(work, sort_keys=True).encode()).hexdigest()
     return Document(str(doc_id), job.model_copy(update={"idempotency_key": f"doc:{digest}"}))
 
 

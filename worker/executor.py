@@ -127,14 +127,19 @@ class JobRunner:
         return min(spec.deadline_s or math.inf, self.settings.job_deadline_s)
 
     def _render(self, spec: JobSpec) -> str | list[int]:
-        if not spec.chat:
+        if spec.messages is None and not spec.chat:
+            assert spec.prompt is not None
             return spec.prompt
+        field = "messages" if spec.messages is not None else "chat"
         tokenizer = self.service.tokenizer
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-            raise ValueError("chat: the model has no chat template")
-        return tokenizer.apply_chat_template(
-            [{"role": "user", "content": spec.prompt}], tokenize=False, add_generation_prompt=True
-        )
+            raise ValueError(f"{field}: the model has no chat template")
+        messages = spec.messages or [{"role": "user", "content": spec.prompt}]
+        try:
+            return tokenizer.apply_chat_template(messages, tokenize=False,
+                                                 add_generation_prompt=True)
+        except Exception as exc:  # a template may refuse an order of roles
+            raise ValueError(f"{field}: the chat template refused them: {exc}") from exc
 
     def _finish(self, spec: JobSpec, status: JobStatus, *, error: str | None = None,
                 output: RequestOutput | None = None, worker: str | None = None) -> Outcome:

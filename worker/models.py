@@ -99,6 +99,9 @@ class Job(Base):
     priority: Mapped[int] = mapped_column(SmallInteger, default=0)
     prompt_text: Mapped[str | None] = mapped_column(Text)
     prompt_token_ids: Mapped[list[int] | None] = mapped_column(JSON)
+    # A chat job's messages ({"role", "content"} each): the worker renders them with
+    # the model's chat template. None: the job has a prompt.
+    messages: Mapped[list[dict[str, str]] | None] = mapped_column(JSON)
     params: Mapped[dict[str, Any]]
     chat: Mapped[bool] = mapped_column(Boolean, default=False)
     deadline_s: Mapped[float | None] = mapped_column(Float)

@@ -95,12 +95,13 @@ class JobSpec:
     id: str
     attempt: int
     lease_id: str  # fences this attempt's writes
-    prompt: str | list[int]
+    prompt: str | list[int] | None  # None: a chat job's `messages`
     params: dict[str, Any]
     priority: int
     chat: bool
     deadline_s: float | None
     created_at: datetime
+    messages: list[dict[str, str]] | None = None
 
 
 class ClaimOutcome(enum.Enum):

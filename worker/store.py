@@ -176,10 +176,9 @@ class JobStore:
                 return Claim(ClaimOutcome.MISSING)
             if attempt is not None:
                 prompt = job.prompt_text if job.prompt_text is not None else job.prompt_token_ids
-                assert prompt is not None
                 return Claim(ClaimOutcome.CLAIMED, JobSpec(
                     job.id, attempt, lease_id, prompt, dict(job.params), job.priority, job.chat,
-                    job.deadline_s, job.created_at))
+                    job.deadline_s, job.created_at, job.messages))
             if job.status.finished:
                 return Claim(ClaimOutcome.FINISHED)
             if job.status is JobStatus.RUNNING and not _expired(job.lease_expires_at, now):
@@ -323,13 +322,16 @@ def _storable(text: str) -> str:
 
 def _new_row(request: JobRequest, now: datetime, published: bool) -> dict[str, Any]:
     text_prompt = isinstance(request.prompt, str)
+    token_prompt = isinstance(request.prompt, list)
     return {
         "id": str(uuid.uuid4()),
         "status": JobStatus.QUEUED,
         "queue": request.queue.value,
         "priority": request.priority,
         "prompt_text": request.prompt if text_prompt else None,
-        "prompt_token_ids": None if text_prompt else list(request.prompt),
+        "prompt_token_ids": list(request.prompt) if token_prompt else None,
+        "messages": ([m.model_dump() for m in request.messages]
+                     if request.messages is not None else None),
         "params": request.params.model_dump(),
         "chat": request.chat,
         "deadline_s": request.deadline_s,

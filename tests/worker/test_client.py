@@ -91,7 +91,8 @@ def pg_url(new_pg_database):
 def pg_client(redis_url, pg_url, tiny_llama_dir):
     """On PostgreSQL, whose types reject what SQLite would store; emptied after each test."""
     with Client(load_settings(**engine_fields(tiny_llama_dir, database_url=pg_url,
-                                              max_prompt_token_ids=64, max_stop=4))) as c:
+                                              max_prompt_token_ids=64, max_prompt_chars=64,
+                                              max_stop=4))) as c:
         yield c
         purge_queues(c)
         with c.store.engine.begin() as db:
@@ -115,6 +116,17 @@ def pg_client(redis_url, pg_url, tiny_llama_dir):
     ({"prompt": "x", "idempotency_key": "key-\ud800"}, "idempotency_key"),
     ({"prompt": "x", "idempotency_key": "key-\x00"}, "idempotency_key"),
     ({"prompt": "x", "deadline_s": float("inf")}, "deadline_s"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "robot", "content": "x"}]},
+     "messages.1.role"),
+    ({"messages": [{"role": "system", "content": "be brief"}, {"role": "user"}]},
+     "messages.1.content"),
+    ({"messages": [{"role": "user", "content": "a\x00b"}]}, "messages.0.content"),
+    ({"messages": [{"role": "user", "content": "x", "name": "bob"}]}, "messages.0.name"),
+    ({"messages": []}, "messages"),
+    ({"messages": [{"role": "user", "content": "x" * 70}]}, "PAGEDQ_MAX_PROMPT_CHARS"),
+    ({"prompt": "x", "messages": [{"role": "user", "content": "x"}]}, "prompt"),
+    ({}, "prompt"),
+    ({"messages": [{"role": "user", "content": "x"}], "chat": True}, "chat"),
 ])
 def test_what_the_worker_or_database_would_refuse_is_refused_at_submit(pg_client, kwargs,
                                                                         field):

@@ -38,6 +38,13 @@ BAD = {
     "bad sampling value": (b'{"id": "x", "text": "t", "title": "T", "max_tokens": 0}',
                            ["max_tokens"]),
     "duplicate id": (b'{"id": "doc-0", "text": "again", "title": "T"}', ["duplicate"]),
+    "message role": (b'{"id": "x", "messages": [{"role": "bot", "content": "c"}]}',
+                     ["messages.0.role"]),
+    "message without content": (b'{"id": "x", "messages": [{"role": "user"}]}',
+                                ["messages.0.content"]),
+    "messages beside text": (b'{"id": "x", "title": "T", "text": "t", "messages": []}',
+                             ["messages:", "not beside"]),
+    "no prompt at all": (b'{"id": "x", "title": "T"}', ["a prompt, a text or a messages"]),
 }
 TEMPLATE = "{title[0]}: {text}"
 
@@ -100,3 +107,15 @@ def test_template_must_be_storable():
     for bad in ("{text}\x00", "{text}\ud800", "{text:{}}"):
         with pytest.raises(ValueError, match="template"):
             check_template(bad)
+
+
+def test_a_messages_line_becomes_a_chat_job(tmp_path):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    line = json.dumps({"id": "m", "messages": messages, "max_tokens": 3}).encode()
+    [doc] = read(tmp_path, [line])
+    assert [m.model_dump() for m in doc.request.messages] == messages
+    assert doc.request.prompt is None and not doc.request.chat
+    assert doc.request.params.max_tokens == 3
+    other = json.dumps({"id": "m", "messages": messages[1:], "max_tokens": 3}).encode()
+    [changed] = read(tmp_path, [other])
+    assert changed.request.idempotency_key != doc.request.idempotency_key

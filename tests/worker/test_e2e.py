@@ -111,6 +111,31 @@ def test_chat_template_is_applied_by_the_worker(pg_stack):
     assert chat.metrics.prompt_tokens > plain.metrics.prompt_tokens
 
 
+def test_messages_with_a_system_prompt_are_rendered_by_the_chat_template(pg_stack,
+                                                                         tiny_llama_dir):
+    from engine import LLM, SamplingParams
+
+    messages = [{"role": "system", "content": "You answer in one word."},
+                {"role": "user", "content": "Colour of the sky?"},
+                {"role": "assistant", "content": "Blue."},
+                {"role": "user", "content": "And grass?"}]
+    client = pg_stack.client
+    record = client.wait(client.submit(messages=messages,
+                                       params={"max_tokens": 6, "temperature": 0}), timeout=30)
+    assert record.status is JobStatus.SUCCEEDED
+    # What the worker must have run: the template's rendering, generated offline.
+    fields = engine_fields(tiny_llama_dir)
+    llm = LLM(fields["model"], dtype="float32", device="cpu",
+              num_device_blocks=fields["num_device_blocks"], swap_space_gib=0.01)
+    rendered = llm.get_tokenizer().apply_chat_template(messages, tokenize=False,
+                                                       add_generation_prompt=True)
+    assert "You answer in one word." in rendered and "And grass?" in rendered
+    offline = llm.generate([rendered], SamplingParams(temperature=0, max_tokens=6),
+                           use_tqdm=False)[0]
+    assert record.outputs[0].token_ids == offline.outputs[0].token_ids
+    assert record.metrics.prompt_tokens == len(offline.prompt_token_ids)
+
+
 def _wait_for(condition, timeout=30.0):
     deadline = time.monotonic() + timeout
     while not condition():
