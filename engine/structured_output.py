@@ -96,7 +96,7 @@ class StructuredOutputManager:
             raise ValueError(f"structured_outputs needs a tokenizer, and checkpoint "
                              f"{self.model_path} has none")
         compiler = self._get_compiler()
-        parsed = _parse(spec)
+        parsed = parse_spec(spec)
         future = self._executor.submit(compiler.compile_grammar, parsed)
         self._cache[key] = future
         if len(self._cache) > CACHE_SIZE:
@@ -132,7 +132,7 @@ def _cache_key(spec: StructuredOutputsParams) -> tuple:
     return kind, value
 
 
-def _parse(spec: StructuredOutputsParams) -> xgrammar.Grammar:
+def parse_spec(spec: StructuredOutputsParams) -> xgrammar.Grammar:
     """`spec` as an xgrammar Grammar, not yet compiled against the vocabulary; ValueError
     naming the field when xgrammar rejects it."""
     import xgrammar

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
 from typing import Any
 
 from worker.client import BrokerUnavailable
-from worker.documents import DEFAULT_TEMPLATE, JobOptions, check_template
+from worker.documents import DEFAULT_TEMPLATE, JobOptions, check_structure, check_template
 from worker.migrate import SchemaOutOfDate
 from worker.schemas import QueueKind
 from worker.settings import Settings, SettingsError, load_settings
@@ -76,9 +77,19 @@ def _flower(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _job_options(args: argparse.Namespace) -> JobOptions:
+    """How each line becomes a job; a structure option the engine would refuse is a
+    SettingsError, before any line is read."""
     defaults = {name: value for name, value in
                 (("max_tokens", args.max_tokens), ("temperature", args.temperature))
                 if value is not None}
+    for kind, value, option in (("json", args.json_schema, "--json-schema"),
+                                ("regex", args.regex, "--regex"),
+                                ("choice", args.choice, "--choice")):
+        if value is not None:
+            try:
+                defaults["structured_outputs"] = check_structure({kind: value}, option)
+            except ValueError as exc:
+                raise SettingsError(str(exc)) from None
     return JobOptions(template=args.template, chat=args.chat,
                       queue=QueueKind(args.queue), priority=args.priority, defaults=defaults)
 
@@ -87,8 +98,9 @@ def _batch(settings: Settings, args: argparse.Namespace) -> int:
     from worker.bulk import QueueBackend, run_bulk
     from worker.client import Client
 
+    options = _job_options(args)
     with Client(settings) as client:
-        summary = run_bulk(args.docs, args.output, _job_options(args), QueueBackend(client),
+        summary = run_bulk(args.docs, args.output, options, QueueBackend(client),
                            progress=not args.quiet)
     print(summary.table())
     return 0 if summary.failed == 0 else 1
@@ -101,6 +113,7 @@ def _run(settings: Settings, args: argparse.Namespace) -> int:
     from worker.migrate import run_alembic
     from worker.store import JobStore
 
+    options = _job_options(args)
     run_alembic(settings.database_url)  # the embedded database needs no separate step
 
     def build() -> Any:
@@ -116,7 +129,7 @@ def _run(settings: Settings, args: argparse.Namespace) -> int:
     store = JobStore.from_url(settings.database_url)
     runner = JobRunner(store, service, settings)
     try:
-        summary = run_bulk(args.docs, args.output, _job_options(args),
+        summary = run_bulk(args.docs, args.output, options,
                            LocalBackend(runner, settings.concurrency), progress=not args.quiet)
     finally:
         service.stop(timeout=settings.job_deadline_s)
@@ -133,6 +146,16 @@ def _template(text: str) -> str:
         return check_template(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _json_schema(path: str) -> Any:
+    """The file's JSON; whether it is a schema is checked with the other structures."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise argparse.ArgumentTypeError(f"cannot read {path}: {exc.strerror}") from None
+    except ValueError as exc:  # not JSON, or not UTF-8
+        raise argparse.ArgumentTypeError(f"{path} is not JSON: {exc}") from None
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -176,6 +199,14 @@ def _parser() -> argparse.ArgumentParser:
                        help="wrap each prompt in the model's chat template")
         p.add_argument("--max-tokens", type=int, help="for lines without max_tokens")
         p.add_argument("--temperature", type=float, help="for lines without temperature")
+        structure = p.add_mutually_exclusive_group()
+        structure.add_argument("--json-schema", metavar="FILE", type=_json_schema,
+                               help="constrain every output to this JSON schema")
+        structure.add_argument("--regex", metavar="PATTERN",
+                               help="constrain every output to match this regex")
+        structure.add_argument("--choice", metavar="TEXT", action="append",
+                               help="every output is one of these; repeat: --choice yes "
+                                    "--choice no")
         p.add_argument("--priority", type=int, default=0, choices=range(10),
                        help="0 (first) to 9")
         p.add_argument("--queue", default=QueueKind.BULK.value,

@@ -13,18 +13,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from worker.records import JobRecord
 from worker.schemas import (
     UNSTORABLE,
     GenerationParams,
     JobRequest,
     QueueKind,
+    describe,
     parse_job,
     unstorable,
 )
 
 SAMPLING_FIELDS = frozenset(GenerationParams.model_fields)
-LINE_FIELDS = frozenset({"id", "prompt", "text", "messages", "priority"})
+LINE_FIELDS = frozenset({"id", "prompt", "text", "messages", "priority", "response_format"})
 DEFAULT_TEMPLATE = "{text}"
 
 
@@ -84,7 +87,8 @@ def _field_names(template: str) -> Iterator[str]:
 def read_documents(path: Path, options: JobOptions) -> Iterator[Document | BadLine]:
     """Each line: {"id": ..., "prompt": ...}, {"id": ..., "text": ...} (placed into
     the template) or {"id": ..., "messages": [{"role": ..., "content": ...}, ...]}, plus
-    optional sampling fields. A bad line is yielded as BadLine."""
+    optional sampling fields (`structured_outputs`, or OpenAI's `response_format` in its
+    place). A bad line is yielded as BadLine."""
     allowed = LINE_FIELDS | SAMPLING_FIELDS | template_fields(options.template)
     seen: set[str] = set()
     with path.open("rb") as handle:
@@ -139,6 +143,10 @@ def _parse_line(line: str, options: JobOptions, allowed: frozenset[str]) -> Docu
         prompt = _fill(options.template, data)
     params = {**(options.defaults or {}),
               **{k: v for k, v in data.items() if k in SAMPLING_FIELDS}}
+    if "response_format" in data:
+        if "structured_outputs" in data:
+            raise ValueError("response_format: give it or structured_outputs, not both")
+        params["structured_outputs"] = _structure_of(data["response_format"])
     job = parse_job({"prompt": prompt, "messages": messages, "params": params,
                      "queue": options.queue, "priority": data.get("priority", options.priority),
                      # Messages always use the chat template; --chat wraps prompts.
@@ -150,6 +158,43 @@ def _parse_line(line: str, options: JobOptions, allowed: frozenset[str]) -> Docu
         work.append([m.model_dump() for m in job.messages])
     digest = hashlib.sha256(json.dumps(work, sort_keys=True).encode()).hexdigest()
     return Document(str(doc_id), job.model_copy(update={"idempotency_key": f"doc:{digest}"}))
+
+
+def _structure_of(response_format: Any) -> dict[str, Any] | None:
+    """OpenAI's `response_format` as `structured_outputs`: {"type": "json_schema",
+    "json_schema": {"name": ..., "schema": {...}}} constrains to the schema,
+    {"type": "json_object"} to any JSON object, {"type": "text"} not at all."""
+    if not isinstance(response_format, dict):
+        raise ValueError("response_format: must be an object with a type")
+    kind = response_format.get("type")
+    expected = {"json_schema": {"type", "json_schema"}, "json_object": {"type"},
+                "text": {"type"}}
+    if kind not in expected:
+        raise ValueError(f"response_format.type: must be 'json_schema', 'json_object' or "
+                         f"'text', got {kind!r}")
+    if unknown := sorted(set(response_format) - expected[kind]):
+        raise ValueError(f"response_format: unknown field(s) for type {kind!r}: {unknown}")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return {"json_object": True}
+    spec = response_format.get("json_schema")
+    if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+        raise ValueError("response_format.json_schema: must be an object with a schema "
+                         "(a JSON object)")
+    if unknown := sorted(set(spec) - {"name", "description", "schema", "strict"}):
+        raise ValueError(f"response_format.json_schema: unknown field(s) {unknown}")
+    return check_structure({"json": spec["schema"]}, "response_format.json_schema.schema")
+
+
+def check_structure(structure: dict[str, Any], where: str) -> dict[str, Any]:
+    """`structure` as a job's `structured_outputs` takes it; ValueError naming `where` and
+    the field when the job schema or the engine's parser refuses it."""
+    try:
+        GenerationParams(structured_outputs=structure)
+    except ValidationError as exc:
+        raise ValueError(f"{where}: {describe(exc)}") from None
+    return structure
 
 
 def _load_object(line: str) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from worker.engine_service import EngineFailure, EngineService, Generation, JobC
 from worker.leases import LeaseKeeper
 from worker.models import JobStatus
 from worker.records import ClaimOutcome, Completion, JobMetrics, JobSpec
+from worker.schemas import engine_params
 from worker.settings import Settings
 from worker.store import JobStore
 
@@ -102,10 +103,10 @@ class JobRunner:
                         "it once its lease expires", spec.id, cause, exc)
 
     def _start(self, spec: JobSpec) -> Future[Generation] | Outcome:
-        from engine import RequestOutputKind, SamplingParams
+        from engine import RequestOutputKind
 
         try:
-            params = SamplingParams(**spec.params, output_kind=RequestOutputKind.FINAL_ONLY)
+            params = engine_params(spec.params, RequestOutputKind.FINAL_ONLY)
             prompt = self._render(spec)
         except ValueError as exc:
             return self._finish(spec, JobStatus.FAILED, error=f"invalid job: {exc}")
@@ -146,7 +147,7 @@ class JobRunner:
         completions = [] if output is None else [
             Completion(o.index, o.text, list(o.token_ids), o.finish_reason,
                        None if o.stop_reason is None else str(o.stop_reason),
-                       o.cumulative_logprob)
+                       o.cumulative_logprob, o.score)
             for o in output.outputs
         ]
         metrics = None if output is None else _metrics(spec, output, worker)

@@ -149,6 +149,8 @@ class Output(Base):
     finish_reason: Mapped[str | None] = mapped_column(String(16))
     stop_reason: Mapped[str | None] = mapped_column(Text)
     cumulative_logprob: Mapped[float | None] = mapped_column(Float)
+    # Beam search: cumulative_logprob / length ** length_penalty; outputs are best first.
+    score: Mapped[float | None] = mapped_column(Float)
 
     job: Mapped[Job] = relationship(back_populates="outputs")
 

@@ -18,11 +18,12 @@ class Completion:
     finish_reason: str | None
     stop_reason: str | None = None
     cumulative_logprob: float | None = None
+    score: float | None = None  # beam search: outputs come best first
 
     @classmethod
     def from_row(cls, row: Output) -> Completion:
         return cls(row.index, row.text, list(row.token_ids), row.finish_reason,
-                   row.stop_reason, row.cumulative_logprob)
+                   row.stop_reason, row.cumulative_logprob, row.score)
 
 
 @dataclass(slots=True)

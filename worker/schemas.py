@@ -25,7 +25,7 @@ from pydantic import (
     model_validator,
 )
 
-from engine import SamplingParams
+from engine import BeamSearchParams, RequestOutputKind, SamplingParams
 
 
 class QueueKind(enum.StrEnum):
@@ -49,7 +49,50 @@ class _BrokenRule(ValueError):
         self.field = field
 
 
+_SAMPLING = {f.name for f in dataclasses.fields(SamplingParams)}
+# Beam search's own job fields (beam_width, length_penalty, early_stopping); those it
+# shares with sampling (max_tokens, stop_token_ids, ignore_eos) are the same fields.
+_BEAM_ONLY = [f for f in dataclasses.fields(BeamSearchParams) if f.name not in _SAMPLING]
+_BEAM_SHARED = [f.name for f in dataclasses.fields(BeamSearchParams) if f.name in _SAMPLING]
+_DEFAULTS = SamplingParams()
+
+
+def engine_params(params: dict[str, Any],
+                  output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+                  ) -> SamplingParams | BeamSearchParams:
+    """The engine's parameters for a job's `params`: beam search when `beam_width` is set,
+    else sampling. ValueError, its message starting with the field, for a bad value or a
+    sampling knob given to beam search."""
+    data = dict(params)
+    beam = {f.name: data.pop(f.name) for f in _BEAM_ONLY if f.name in data}
+    width = beam.pop("beam_width", None)
+    if width is None:
+        for f in _BEAM_ONLY:
+            if f.name in beam and beam[f.name] != f.default:
+                raise ValueError(f"{f.name} applies to beam search (set beam_width), "
+                                 f"got {beam[f.name]!r}")
+        return SamplingParams(**data, output_kind=output_kind)
+    sampling = SamplingParams(**data)  # the shared fields' rules, and the values normalised
+    for name in (f.name for f in dataclasses.fields(SamplingParams)):
+        if name in _BEAM_SHARED:
+            continue
+        value = getattr(sampling, name)
+        if value == getattr(_DEFAULTS, name) or (name == "temperature" and value == 0):
+            continue
+        if name == "n":
+            raise ValueError(f"n must be 1 with beam_width (the beams are the outputs), "
+                             f"got {value!r}")
+        if name == "temperature":
+            raise ValueError(f"temperature must be 0 or unset with beam_width (beam search "
+                             f"is deterministic), got {value!r}")
+        raise ValueError(f"{name} is not used by beam search (beam_width), got {value!r}")
+    return BeamSearchParams(beam_width=width, **beam,
+                            **{name: getattr(sampling, name) for name in _BEAM_SHARED})
+
+
 def _field_spec(field: dataclasses.Field[Any], annotation: Any) -> tuple[Any, Any]:
+    if field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+        return annotation | None, None  # beam_width: None is sampling
     if field.default_factory is not dataclasses.MISSING:
         # Lists (stop, stop_token_ids) may also be given as null, as the engine allows.
         return annotation | None, Field(default_factory=field.default_factory)
@@ -79,7 +122,13 @@ class _EngineChecked(BaseModel):
     @model_validator(mode="after")
     def _engine_rules(self) -> Self:
         try:
-            SamplingParams(**self.model_dump())
+            params = engine_params(self.model_dump())
+            if getattr(params, "structured_outputs", None) is not None:
+                # The engine's parser, as add_request runs it (well under a millisecond);
+                # only a job that asks for a structure imports xgrammar, and torch with it.
+                from engine.structured_output import parse_spec
+
+                parse_spec(params.structured_outputs)
         except ValueError as exc:
             message = str(exc)
             name = message.split(" ", 1)[0]  # "max_tokens", "structured_outputs.json", ...
@@ -91,9 +140,11 @@ class _EngineChecked(BaseModel):
 GenerationParams = create_model(
     "GenerationParams",
     __base__=_EngineChecked,
-    __doc__="The fields of engine.SamplingParams, with its names, defaults and rules.",
+    __doc__="The fields of engine.SamplingParams and engine.BeamSearchParams, with their "
+            "names, defaults and rules.",
     **{f.name: _field_spec(f, get_type_hints(SamplingParams)[f.name])
        for f in dataclasses.fields(SamplingParams) if f.metadata.get("job_field", True)},
+    **{f.name: _field_spec(f, get_type_hints(BeamSearchParams)[f.name]) for f in _BEAM_ONLY},
 )
 
 

@@ -246,7 +246,7 @@ class JobStore:
                 Output(job_id=job_id, index=o.index, text=_storable(o.text),
                        token_ids=o.token_ids, finish_reason=o.finish_reason,
                        stop_reason=None if o.stop_reason is None else _storable(o.stop_reason),
-                       cumulative_logprob=o.cumulative_logprob)
+                       cumulative_logprob=o.cumulative_logprob, score=o.score)
                 for o in outputs
             )
             if metrics is not None:

@@ -119,3 +119,63 @@ def test_a_messages_line_becomes_a_chat_job(tmp_path):
     other = json.dumps({"id": "m", "messages": messages[1:], "max_tokens": 3}).encode()
     [changed] = read(tmp_path, [other])
     assert changed.request.idempotency_key != doc.request.idempotency_key
+
+
+SCHEMA = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+RESPONSE_FORMATS = {
+    "json_schema": ({"type": "json_schema", "json_schema": {"name": "a", "schema": SCHEMA}},
+                    {"json": SCHEMA}),
+    "json_object": ({"type": "json_object"}, {"json_object": True}),
+    "text": ({"type": "text"}, None),
+}
+
+
+def structure(doc):
+    so = doc.request.params.structured_outputs
+    return None if so is None else {k: v for k, v in so.model_dump().items()
+                                    if v not in (None, False)}
+
+
+@pytest.mark.parametrize("name", RESPONSE_FORMATS)
+def test_response_format_becomes_structured_outputs(tmp_path, name):
+    response_format, expected = RESPONSE_FORMATS[name]
+    line = json.dumps({"id": "x", "text": "t", "response_format": response_format}).encode()
+    # A line's own response_format wins over the file's default, "text" included.
+    options = JobOptions(defaults={"structured_outputs": {"regex": "[ab]+"}})
+    path = tmp_path / "docs.jsonl"
+    path.write_bytes(line + b"\n")
+    [doc] = read_documents(path, options)
+    assert structure(doc) == expected
+
+
+def test_a_lines_structured_outputs_overrides_the_default(tmp_path):
+    path = tmp_path / "docs.jsonl"
+    path.write_text(json.dumps({"id": "x", "text": "t", "structured_outputs": {"choice": ["y"]}})
+                    + "\n" + json.dumps({"id": "z", "text": "t"}) + "\n")
+    options = JobOptions(defaults={"structured_outputs": {"regex": "[ab]+"}, "max_tokens": 3})
+    own, default = read_documents(path, options)
+    assert structure(own) == {"choice": ["y"]} and structure(default) == {"regex": "[ab]+"}
+    assert own.request.params.max_tokens == 3
+    assert own.request.idempotency_key != default.request.idempotency_key
+
+
+@pytest.mark.parametrize(("line", "words"), [
+    ({"response_format": {"type": "xml"}}, "response_format.type: must be 'json_schema'"),
+    ({"response_format": "json"}, "response_format: must be an object"),
+    ({"response_format": {"type": "json_schema"}}, "response_format.json_schema: must be"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"schema": [1]}}},
+     "response_format.json_schema: must be"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "nope"}}}},
+     "response_format.json_schema.schema: structured_outputs.json"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"schema": {}, "nom": "a"}}},
+     "response_format.json_schema: unknown field(s) ['nom']"),
+    ({"response_format": {"type": "json_object", "schema": {}}}, "response_format: unknown"),
+    ({"response_format": {"type": "json_object"}, "structured_outputs": {"regex": "a"}},
+     "response_format: give it or structured_outputs, not both"),
+    ({"structured_outputs": {"regex": "a("}}, "params.structured_outputs.regex: "),
+    ({"structured_outputs": {"grammar": "root ::= x"}}, "params.structured_outputs.grammar: "),
+])
+def test_a_bad_structure_is_a_bad_line_naming_the_field(tmp_path, line, words):
+    [item] = read(tmp_path, [json.dumps({"id": "x", "text": "t", **line}).encode()],
+                  template="{text}")
+    assert isinstance(item, BadLine) and words in item.message, item

@@ -136,6 +136,32 @@ def test_messages_with_a_system_prompt_are_rendered_by_the_chat_template(pg_stac
     assert record.metrics.prompt_tokens == len(offline.prompt_token_ids)
 
 
+def test_n_samples_and_beam_search_jobs_return_what_the_engine_returns(pg_stack,
+                                                                        tiny_llama_dir):
+    from engine import LLM, BeamSearchParams, SamplingParams
+
+    client = pg_stack.client
+    sampled = client.submit("Once upon a time", {"n": 3, "temperature": 0.9, "seed": 7,
+                                                 "max_tokens": 6})
+    beams = client.submit("Once upon a time", {"beam_width": 3, "max_tokens": 6,
+                                               "length_penalty": 0.5})
+    sampled, beams = client.wait(sampled, timeout=30), client.wait(beams, timeout=30)
+    assert sampled.status is beams.status is JobStatus.SUCCEEDED
+    fields = engine_fields(tiny_llama_dir)
+    llm = LLM(fields["model"], dtype="float32", device="cpu",
+              num_device_blocks=fields["num_device_blocks"], swap_space_gib=0.01)
+    want = llm.generate(["Once upon a time"], SamplingParams(n=3, temperature=0.9, seed=7,
+                                                             max_tokens=6), use_tqdm=False)[0]
+    assert [o.index for o in sampled.outputs] == [0, 1, 2]
+    assert [o.token_ids for o in sampled.outputs] == [o.token_ids for o in want.outputs]
+    want = llm.beam_search(["Once upon a time"], BeamSearchParams(
+        beam_width=3, max_tokens=6, length_penalty=0.5))[0]
+    assert [o.token_ids for o in beams.outputs] == [o.token_ids for o in want.outputs]
+    scores = [o.score for o in beams.outputs]
+    assert scores == pytest.approx([o.score for o in want.outputs], abs=1e-5)
+    assert scores == sorted(scores, reverse=True) and len(scores) == 3
+
+
 def _wait_for(condition, timeout=30.0):
     deadline = time.monotonic() + timeout
     while not condition():
