@@ -14,6 +14,7 @@ _HOMES = {
     "EngineConfig": "engine.config",
     "EngineStats": "engine.outputs",
     "LLMEngine": "engine.llm_engine",
+    "Logprob": "engine.sequence",
     "RequestMetrics": "engine.sequence",
     "RequestOutput": "engine.outputs",
     "RequestOutputKind": "engine.sampling_params",
@@ -23,7 +24,7 @@ _HOMES = {
 
 __all__ = [
     "LLM", "BeamSearchParams", "CompletionOutput", "EngineConfig", "EngineStats", "LLMEngine",
-    "RequestMetrics", "RequestOutput", "RequestOutputKind", "SamplingParams",
+    "Logprob", "RequestMetrics", "RequestOutput", "RequestOutputKind", "SamplingParams",
     "StructuredOutputsParams",
 ]
 
@@ -38,7 +39,7 @@ if TYPE_CHECKING:
         SamplingParams,
         StructuredOutputsParams,
     )
-    from engine.sequence import RequestMetrics
+    from engine.sequence import Logprob, RequestMetrics
 
 
 def __getattr__(name: str) -> Any:

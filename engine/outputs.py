@@ -4,7 +4,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from engine.sampling_params import RequestOutputKind
-from engine.sequence import RequestMetrics, SequenceGroup
+from engine.sequence import Logprob, RequestMetrics, SequenceGroup
 
 
 @dataclass(slots=True)
@@ -13,7 +13,7 @@ class CompletionOutput:
     text: str
     token_ids: list[int]
     cumulative_logprob: float | None  # None unless logprobs were asked for (or beams)
-    logprobs: list[dict[int, float]] | None
+    logprobs: list[dict[int, Logprob]] | None  # per generated token: token id -> Logprob
     finish_reason: str | None  # "stop" | "length" | "abort" | None while running
     stop_reason: int | str | None = None
     score: float | None = None  # beam search: cumulative_logprob / length ** length_penalty
@@ -77,6 +77,8 @@ def completions(group: SequenceGroup, decode: Callable[[list[int], list[int]], s
     for s in seqs:
         # Copies: an output handed out earlier must not grow with the sequence.
         tokens, logprobs = s.output_token_ids, list(s.logprobs) if want_logprobs else None
+        if logprobs:
+            _decode_tokens(logprobs[s.num_reported_tokens:], decode)
         text = s.text if s.detok else decode(group.prompt_token_ids, tokens)
         if held and not s.status.finished:
             text = text[:max(len(text) - held, s.num_reported_chars)]
@@ -91,3 +93,12 @@ def completions(group: SequenceGroup, decode: Callable[[list[int], list[int]], s
             logprobs=logprobs, finish_reason=s.status.finish_reason,
             stop_reason=s.stop_reason))
     return outs
+
+
+def _decode_tokens(positions: list[dict[int, Logprob]],
+                   decode: Callable[[list[int], list[int]], str]) -> None:
+    """Give each token of these positions its text, once."""
+    for position in positions:
+        for token, logprob in position.items():
+            if logprob.decoded_token is None:
+                logprob.decoded_token = decode([], [token])

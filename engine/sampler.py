@@ -23,7 +23,8 @@ class SampleResult:
 
     token_id: int
     logprob: float | None = None
-    top_logprobs: dict[int, float] | None = None
+    top_logprobs: dict[int, float] | None = None  # most likely first
+    rank: int | None = None  # of the token, 1: the most likely
 
 
 class Sampler:
@@ -129,12 +130,14 @@ def _fill_logprobs(results: list[SampleResult], rows: list[int], params: list[Sa
                    top: torch.return_types.topk | None) -> None:
     """Give `results[rows]` their chosen token's logprob and, unless `p.logprobs` is 0,
     the top `p.logprobs` with the chosen token beside them."""
-    chosen = logprobs.gather(1, tokens[:, None]).squeeze(1).tolist()
+    chosen_values = logprobs.gather(1, tokens[:, None])
+    ranks = ((logprobs > chosen_values).sum(1) + 1).tolist()
+    chosen = chosen_values.squeeze(1).tolist()
     top_ids = top.indices.tolist() if top is not None else None
     top_values = top.values.tolist() if top is not None else None
     for i, (row, lp) in enumerate(zip(rows, chosen, strict=True)):
         res = results[row]
-        res.logprob = lp
+        res.logprob, res.rank = lp, ranks[i]
         k = params[row].logprobs
         if k:
             res.top_logprobs = dict(zip(top_ids[i][:k], top_values[i][:k], strict=True))

@@ -21,7 +21,7 @@ from engine.block_manager import BlockManager, CachedPrefix
 from engine.config import EngineConfig
 from engine.sampler import SampleResult
 from engine.seq_factory import SequenceFactory
-from engine.sequence import Sequence, SequenceGroup, SequenceStatus
+from engine.sequence import Logprob, Sequence, SequenceGroup, SequenceStatus
 from engine.stop_checker import StopChecker
 
 
@@ -478,7 +478,7 @@ class Scheduler:
             seq.token_ids.append(token)
             if want_logprobs:
                 seq.cumulative_logprob += res.logprob
-                seq.logprobs.append(res.top_logprobs or {token: res.logprob})
+                seq.logprobs.append(_position_logprobs(res))
             status, reason = check(seq, params, token)
             if status is None and matcher is not None and matcher.is_terminated():
                 status = SequenceStatus.FINISHED_STOPPED  # the structure is complete
@@ -507,3 +507,12 @@ class Scheduler:
             if i not in taken:
                 self.finish_seq(beam, SequenceStatus.FINISHED_STOPPED)
         group.seqs = new_beams
+
+
+def _position_logprobs(res: SampleResult) -> dict[int, Logprob]:
+    """The top tokens (ranks 1..k) and the chosen one, at one position."""
+    logprobs = {token: Logprob(value, rank)
+                for rank, (token, value) in enumerate((res.top_logprobs or {}).items(), 1)}
+    # The chosen token may sit beside the top ones without being one of them.
+    logprobs[res.token_id] = Logprob(res.logprob, res.rank)
+    return logprobs

@@ -61,6 +61,16 @@ class Detokenizer:
 
 
 @dataclass(slots=True)
+class Logprob:
+    """A token's log-probability at one position, its rank there (1: the most likely)
+    and its text (filled when the output is reported)."""
+
+    logprob: float
+    rank: int
+    decoded_token: str | None = None
+
+
+@dataclass(slots=True)
 class Sequence:
     seq_id: int
     token_ids: list[int]
@@ -71,7 +81,7 @@ class Sequence:
     num_computed_tokens: int = 0
     block_table: list[int] = field(default_factory=list)
     cumulative_logprob: float = 0.0
-    logprobs: list[dict[int, float]] = field(default_factory=list)
+    logprobs: list[dict[int, Logprob]] = field(default_factory=list)
     detok: Detokenizer | None = None
     stop_reason: int | str | None = None
     # Where the sequence stands in its request's grammar (structured output), if any.

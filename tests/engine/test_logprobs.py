@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from engine import LLM, SamplingParams
+from engine import LLM, Logprob, SamplingParams
 
 TOL = 1e-4
 
@@ -26,13 +26,14 @@ def _prompts() -> list[list[int]]:
     return [[rng.randrange(3, 512) for _ in range(n)] for n in (1, 7, 20)]
 
 
-def _assert_step(step: dict[int, float], token: int, want: torch.Tensor, k: int) -> None:
-    """One step's returned logprobs against the reference log-softmax `want`."""
-    assert math.isclose(step[token], want[token].item(), abs_tol=TOL)
+def _assert_step(step: dict[int, Logprob], token: int, want: torch.Tensor, k: int) -> None:
+    """One step's returned logprobs and ranks against the reference log-softmax `want`."""
+    assert math.isclose(step[token].logprob, want[token].item(), abs_tol=TOL)
     top = want.topk(k)
     assert set(step) == set(top.indices.tolist()) | {token}
     for t, lp in step.items():
-        assert math.isclose(lp, want[t].item(), abs_tol=TOL)
+        assert math.isclose(lp.logprob, want[t].item(), abs_tol=TOL)
+        assert lp.rank == int((want > want[t]).sum()) + 1
 
 
 def test_greedy_logprobs_match_transformers(checkpoint):
@@ -51,7 +52,8 @@ def test_greedy_logprobs_match_transformers(checkpoint):
         assert len(got.logprobs) == 8
         for token, step, logits in zip(got.token_ids, got.logprobs, ref.logits, strict=True):
             _assert_step(step, token, torch.log_softmax(logits[0].float(), -1), 3)
-        total = sum(step[t] for t, step in zip(got.token_ids, got.logprobs, strict=True))
+        total = sum(step[t].logprob for t, step in zip(got.token_ids, got.logprobs,
+                                                        strict=True))
         assert math.isclose(got.cumulative_logprob, total, abs_tol=TOL)
 
 
@@ -80,7 +82,7 @@ def test_no_logprobs_unless_asked(checkpoint):
     # logprobs=0: only the chosen token's logprob at each step.
     assert [list(step) for step in with_lp.logprobs] == [[t] for t in with_lp.token_ids]
     assert math.isclose(with_lp.cumulative_logprob,
-                        sum(v for step in with_lp.logprobs for v in step.values()),
+                        sum(v.logprob for step in with_lp.logprobs for v in step.values()),
                         abs_tol=TOL)
     for out in (without, random_row):
         assert out.logprobs is None and out.cumulative_logprob is None

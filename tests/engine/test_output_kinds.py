@@ -298,6 +298,6 @@ def test_cumulative_logprob_only_with_logprobs(llm):
             last = _final(outs).outputs[0]
             _, tokens, logprobs = _concat(outs, 0) if params.output_kind is DELTA else (
                 None, last.token_ids, last.logprobs)
-            chosen = [d[t] for d, t in zip(logprobs, tokens, strict=True)]
+            chosen = [d[t].logprob for d, t in zip(logprobs, tokens, strict=True)]
             assert last.cumulative_logprob == pytest.approx(sum(chosen), abs=1e-5)
             assert all(lp <= 0 for lp in chosen)
