@@ -14,7 +14,7 @@ _HOMES = {
     "EngineConfig": "engine.config",
     "EngineStats": "engine.outputs",
     "LLMEngine": "engine.llm_engine",
-    "Logprob": "engine.sequence",
+    "Logprob": "engine.logprob",
     "RequestMetrics": "engine.sequence",
     "RequestOutput": "engine.outputs",
     "RequestOutputKind": "engine.sampling_params",
@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from engine.config import EngineConfig
     from engine.llm import LLM
     from engine.llm_engine import LLMEngine
+    from engine.logprob import Logprob
     from engine.outputs import CompletionOutput, EngineStats, RequestOutput
     from engine.sampling_params import (
         BeamSearchParams,
@@ -39,7 +40,7 @@ if TYPE_CHECKING:
         SamplingParams,
         StructuredOutputsParams,
     )
-    from engine.sequence import Logprob, RequestMetrics
+    from engine.sequence import RequestMetrics
 
 
 def __getattr__(name: str) -> Any:

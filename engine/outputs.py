@@ -3,8 +3,9 @@
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from engine.logprob import Logprob
 from engine.sampling_params import RequestOutputKind
-from engine.sequence import Logprob, RequestMetrics, SequenceGroup
+from engine.sequence import RequestMetrics, SequenceGroup
 
 
 @dataclass(slots=True)

@@ -19,9 +19,10 @@ from dataclasses import dataclass, field
 from engine.beam_search import BeamStep
 from engine.block_manager import BlockManager, CachedPrefix
 from engine.config import EngineConfig
+from engine.logprob import Logprob
 from engine.sampler import SampleResult
 from engine.seq_factory import SequenceFactory
-from engine.sequence import Logprob, Sequence, SequenceGroup, SequenceStatus
+from engine.sequence import Sequence, SequenceGroup, SequenceStatus
 from engine.stop_checker import StopChecker
 
 

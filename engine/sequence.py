@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from engine.logprob import Logprob
 from engine.sampling_params import BeamSearchParams, SamplingParams
 
 if TYPE_CHECKING:
@@ -58,16 +59,6 @@ class Detokenizer:
     prefix_offset: int
     read_offset: int
     text: str = ""
-
-
-@dataclass(slots=True)
-class Logprob:
-    """A token's log-probability at one position, its rank there (1: the most likely)
-    and its text (filled when the output is reported)."""
-
-    logprob: float
-    rank: int
-    decoded_token: str | None = None
 
 
 @dataclass(slots=True)

@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from worker.records import JobRecord
+from worker.records import JobRecord, logprobs_to_json
 from worker.schemas import (
     UNSTORABLE,
     GenerationParams,
@@ -278,7 +278,8 @@ def finished_ids(path: Path) -> set[str]:
 
 def result_line(doc_id: str, record: JobRecord) -> dict[str, Any]:
     m = record.metrics
-    return {
+    first = record.outputs[0] if record.outputs else None
+    line = {
         "id": doc_id,
         "text": record.text,
         "finish_reason": record.outputs[0].finish_reason if record.outputs else None,
@@ -290,3 +291,6 @@ def result_line(doc_id: str, record: JobRecord) -> dict[str, Any]:
         "cached_tokens": m.cached_tokens if m else None,
         "preemptions": m.preemptions if m else None,
     }
+    if first is not None and first.logprobs is not None:  # the job asked for them
+        line["logprobs"] = logprobs_to_json(first.logprobs)
+    return line

@@ -147,7 +147,7 @@ class JobRunner:
         completions = [] if output is None else [
             Completion(o.index, o.text, list(o.token_ids), o.finish_reason,
                        None if o.stop_reason is None else str(o.stop_reason),
-                       o.cumulative_logprob, o.score)
+                       o.cumulative_logprob, o.score, o.logprobs)
             for o in output.outputs
         ]
         metrics = None if output is None else _metrics(spec, output, worker)

@@ -151,6 +151,9 @@ class Output(Base):
     cumulative_logprob: Mapped[float | None] = mapped_column(Float)
     # Beam search: cumulative_logprob / length ** length_penalty; outputs are best first.
     score: Mapped[float | None] = mapped_column(Float)
+    # When the job asked for logprobs: per generated token, {token id (a string, as JSON
+    # keys are): {"logprob", "rank", "decoded_token"}}; a -inf logprob is stored as null.
+    logprobs: Mapped[list[dict[str, dict[str, Any]]] | None] = mapped_column(JSON)
 
     job: Mapped[Job] = relationship(back_populates="outputs")
 

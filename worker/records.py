@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from engine.logprob import Logprob
 from worker.models import Job, JobStatus, Metrics, Output
 
 
@@ -19,11 +21,32 @@ class Completion:
     stop_reason: str | None = None
     cumulative_logprob: float | None = None
     score: float | None = None  # beam search: outputs come best first
+    # When the job asked for logprobs: per generated token, token id -> Logprob.
+    logprobs: list[dict[int, Logprob]] | None = None
 
     @classmethod
     def from_row(cls, row: Output) -> Completion:
         return cls(row.index, row.text, list(row.token_ids), row.finish_reason,
-                   row.stop_reason, row.cumulative_logprob, row.score)
+                   row.stop_reason, row.cumulative_logprob, row.score,
+                   logprobs_from_json(row.logprobs))
+
+
+def logprobs_to_json(logprobs: list[dict[int, Logprob]] | None
+                     ) -> list[dict[str, dict[str, Any]]] | None:
+    """Logprobs as JSON can hold them: string keys, and null for -inf."""
+    if logprobs is None:
+        return None
+    return [{str(token): {"logprob": lp.logprob if lp.logprob is not None
+                          and math.isfinite(lp.logprob) else None,
+                          "rank": lp.rank, "decoded_token": lp.decoded_token}
+             for token, lp in position.items()} for position in logprobs]
+
+
+def logprobs_from_json(data: list[dict[str, dict[str, Any]]] | None
+                       ) -> list[dict[int, Logprob]] | None:
+    if data is None:
+        return None
+    return [{int(token): Logprob(**lp) for token, lp in position.items()} for position in data]
 
 
 @dataclass(slots=True)

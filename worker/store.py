@@ -14,7 +14,15 @@ from sqlalchemy.orm import Session, selectinload
 
 from worker.db import make_engine, make_sessionmaker
 from worker.models import Job, JobStatus, Metrics, Output, utcnow
-from worker.records import Claim, ClaimOutcome, Completion, JobMetrics, JobRecord, JobSpec
+from worker.records import (
+    Claim,
+    ClaimOutcome,
+    Completion,
+    JobMetrics,
+    JobRecord,
+    JobSpec,
+    logprobs_to_json,
+)
 from worker.schemas import IdempotencyConflict, JobRequest, QueueKind
 
 # Rows per INSERT when a bulk job submits many documents at once.
@@ -246,7 +254,8 @@ class JobStore:
                 Output(job_id=job_id, index=o.index, text=_storable(o.text),
                        token_ids=o.token_ids, finish_reason=o.finish_reason,
                        stop_reason=None if o.stop_reason is None else _storable(o.stop_reason),
-                       cumulative_logprob=o.cumulative_logprob, score=o.score)
+                       cumulative_logprob=o.cumulative_logprob, score=o.score,
+                       logprobs=logprobs_to_json(o.logprobs))
                 for o in outputs
             )
             if metrics is not None:

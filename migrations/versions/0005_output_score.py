@@ -1,4 +1,4 @@
-"""outputs.score: a beam search job's length-penalised score of each beam
+"""outputs.score (a beam's length-penalised score) and outputs.logprobs (per token)
 
 Revision ID: 0005
 Revises: 0004
@@ -18,8 +18,10 @@ depends_on: str | Sequence[str] | None = None
 
 def upgrade() -> None:
     op.add_column("outputs", sa.Column("score", sa.Float(), nullable=True))
+    op.add_column("outputs", sa.Column("logprobs", sa.JSON(), nullable=True))
 
 
 def downgrade() -> None:
     # A plain ALTER TABLE ... DROP COLUMN (SQLite 3.35+), never a batch copy.
+    op.drop_column("outputs", "logprobs")
     op.drop_column("outputs", "score")

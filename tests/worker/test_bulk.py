@@ -114,3 +114,21 @@ def test_batch_through_the_queue_resumes(pg_stack, tmp_path, monkeypatch, capsys
     resumed = read_output(out)
     assert {line["job_id"] for line in resumed} == {line["job_id"] for line in first}
     assert "already done      2" in capsys.readouterr().out
+
+
+def test_output_lines_carry_logprobs_when_a_line_asks(tmp_path, tiny_llama_dir, monkeypatch):
+    fields = engine_fields(tiny_llama_dir, database_url=f"sqlite:///{tmp_path / 'jobs.db'}")
+    for name, value in as_env(fields).items():
+        monkeypatch.setenv(name, value)
+    docs, out = tmp_path / "docs.jsonl", tmp_path / "res.jsonl"
+    docs.write_text(json.dumps({"id": "a", "prompt": "one two", "logprobs": 1}) + "\n"
+                    + json.dumps({"id": "b", "prompt": "three four"}) + "\n")
+    argv = ["run", str(docs), "-o", str(out), "--max-tokens", "3", "--temperature", "0", "-q"]
+    assert main(argv) == 0
+    lines = {line["id"]: line for line in read_output(out)}
+    assert "logprobs" not in lines["b"]
+    positions = lines["a"]["logprobs"]
+    assert len(positions) == lines["a"]["completion_tokens"]
+    for position in positions:
+        assert 1 <= len(position) <= 2  # the top token and the chosen one
+        assert all(entry["rank"] >= 1 and entry["logprob"] <= 0 for entry in position.values())

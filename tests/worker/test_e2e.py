@@ -162,6 +162,30 @@ def test_n_samples_and_beam_search_jobs_return_what_the_engine_returns(pg_stack,
     assert scores == sorted(scores, reverse=True) and len(scores) == 3
 
 
+def test_a_logprobs_job_stores_what_the_engine_returns(pg_stack, tiny_llama_dir):
+    from engine import LLM, SamplingParams
+
+    client = pg_stack.client
+    params = {"temperature": 0, "max_tokens": 5, "logprobs": 2}
+    record = client.wait(client.submit("The logprobs of", params), timeout=30)
+    assert record.status is JobStatus.SUCCEEDED
+    fields = engine_fields(tiny_llama_dir)
+    llm = LLM(fields["model"], dtype="float32", device="cpu",
+              num_device_blocks=fields["num_device_blocks"], swap_space_gib=0.01)
+    want = llm.generate(["The logprobs of"], SamplingParams(**params), use_tqdm=False)[0]
+    got, want = record.outputs[0], want.outputs[0]
+    assert got.token_ids == want.token_ids and len(got.logprobs) == 5
+    for stored, engine_step in zip(got.logprobs, want.logprobs, strict=True):
+        assert stored.keys() == engine_step.keys()
+        for token, lp in stored.items():
+            assert lp.logprob == pytest.approx(engine_step[token].logprob, abs=1e-5)
+            assert (lp.rank, lp.decoded_token) == (engine_step[token].rank,
+                                                   engine_step[token].decoded_token)
+    assert got.cumulative_logprob == pytest.approx(want.cumulative_logprob, abs=1e-5)
+    plain = client.wait(client.submit("The logprobs of", {"max_tokens": 2}), timeout=30)
+    assert plain.outputs[0].logprobs is None
+
+
 def _wait_for(condition, timeout=30.0):
     deadline = time.monotonic() + timeout
     while not condition():
