@@ -53,6 +53,26 @@ SCHEMA_PROMPTS = [
     (ORDER, "Write a small shop order as JSON."),
     (CITY, "Name a big city and its country code, as JSON."),
 ]
+# Twenty prompts over the three schemas, each run greedy and sampled.
+MANY_SCHEMA_PROMPTS = SCHEMA_PROMPTS + [
+    (PERSON, "Invent an administrator account as JSON."),
+    (PERSON, "Give a guest visitor's profile in JSON."),
+    (PERSON, "JSON for a retired teacher who uses our forum."),
+    (PERSON, "A teenager signs up to a game. Their record, as JSON:"),
+    (PERSON, "Make up a person and output name, age and role as JSON."),
+    (PERSON, "Output one user record as JSON, please."),
+    (ORDER, "Someone buys two pencils and a notebook. The order as JSON:"),
+    (ORDER, "Create an unpaid order with one item, as JSON."),
+    (ORDER, "A paid order of three apples, in JSON."),
+    (ORDER, "Record a bookshop order in JSON."),
+    (ORDER, "JSON for an order of socks."),
+    (CITY, "Where is the Eiffel Tower? Answer as JSON with city and country code."),
+    (CITY, "Which city hosts the Brandenburg Gate? JSON please."),
+    (CITY, "Give a Japanese city as JSON."),
+    (CITY, "A city in the United States, as JSON with its country code."),
+    (CITY, "Pick any capital city and return it as JSON."),
+    (CITY, "JSON: the city where you would like to live and its country."),
+]
 MAX_TOKENS = 64
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -73,10 +93,11 @@ def _greedy(spec: SO | None, max_tokens: int = MAX_TOKENS, **kw) -> SamplingPara
 
 
 def test_json_schemas_greedy_and_sampled_validate(llm):
+    assert len(MANY_SCHEMA_PROMPTS) == 20
     prompts, params, schemas = [], [], []
-    for schema, text in SCHEMA_PROMPTS:
-        for p in (_greedy(SO(json=schema)),
-                  SamplingParams(temperature=0.8, seed=7, max_tokens=MAX_TOKENS,
+    for schema, text in MANY_SCHEMA_PROMPTS:
+        for p in (_greedy(SO(json=schema), 96),
+                  SamplingParams(temperature=0.8, seed=7, max_tokens=96,
                                  structured_outputs=SO(json=json.dumps(schema)))):
             prompts.append(_chat(llm, text))
             params.append(p)
