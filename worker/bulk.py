@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Protocol, TextIO
 
@@ -28,7 +29,7 @@ from worker.documents import (
     result_line,
 )
 from worker.executor import JobRunner
-from worker.models import JobStatus
+from worker.models import JobStatus, utcnow
 from worker.records import JobRecord
 
 POLL_S = 0.2
@@ -91,8 +92,12 @@ class Summary:
     already_done: int = 0
     prompt_tokens: int = 0
     generated_tokens: int = 0
+    # Tokens of the jobs that finished during this run: a job done by an earlier run
+    # (its line written again from the database) costs this run no generation.
+    generated_now: int = 0
     wall_s: float = 0.0
     ttfts: list[float] = field(default_factory=list)
+    started_at: datetime = field(default_factory=utcnow)
 
     def add(self, record: JobRecord) -> None:
         self.requests += 1
@@ -103,11 +108,17 @@ class Summary:
         if record.metrics is not None:
             self.prompt_tokens += record.metrics.prompt_tokens
             self.generated_tokens += record.metrics.generated_tokens
+            finished = record.finished_at
+            # SQLite hands back naive datetimes; every stored time is UTC.
+            if finished is not None and finished.tzinfo is None:
+                finished = finished.replace(tzinfo=UTC)
+            if finished is not None and finished >= self.started_at:
+                self.generated_now += record.metrics.generated_tokens
             if record.metrics.ttft_s is not None:
                 self.ttfts.append(record.metrics.ttft_s)
 
     def table(self) -> str:
-        rate = self.generated_tokens / self.wall_s if self.wall_s > 0 else 0.0
+        rate = self.generated_now / self.wall_s if self.wall_s > 0 else 0.0
         ttft = f"{sum(self.ttfts) / len(self.ttfts):.3f} s" if self.ttfts else "-"
         rows = [
             ("requests", f"{self.requests} ({self.succeeded} succeeded, {self.failed} failed)"),
@@ -116,7 +127,7 @@ class Summary:
             ("prompt tokens", str(self.prompt_tokens)),
             ("generated tokens", str(self.generated_tokens)),
             ("wall time", f"{self.wall_s:.2f} s"),
-            ("tokens/s", f"{rate:.1f}"),
+            ("tokens/s", f"{rate:.1f} (jobs that ran now)"),
             ("mean TTFT", ttft),
         ]
         width = max(len(name) for name, _ in rows)
