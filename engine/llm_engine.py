@@ -22,11 +22,11 @@ from engine.model_loader import (
     resolve_max_model_len,
     resolve_model_path,
 )
-from engine.model_runner import ModelRunner
-from engine.outputs import EngineStats, RequestOutput, completions
+from engine.model_runner import ModelRunner, PromptLogits, StepLogits
+from engine.outputs import EngineStats, RequestOutput, completions, decode_tokens
 from engine.platform import resolve_device, resolve_dtype
 from engine.request_checks import Params, Prompt, RequestChecker
-from engine.sampler import Sampler
+from engine.sampler import Sampler, prompt_logprobs
 from engine.sampling_params import RequestOutputKind, SamplingParams
 from engine.scheduler import SamplePlan, ScheduledSeq, Scheduler, StepResult
 from engine.seq_factory import SequenceFactory
@@ -267,9 +267,14 @@ class LLMEngine:
         got tokens. A request whose forward or sampling raises is aborted alone; the
         others get the tokens they would get without it."""
         try:
-            logits, sampled = self.runner.execute(scheduled)
+            logits, sampled, prompt = self.runner.execute(scheduled)
         except Exception as exc:
-            logits, sampled = self._execute_isolated(scheduled, exc)
+            logits, sampled, prompt = self._execute_isolated(scheduled, exc)
+        for chunk in prompt:
+            try:
+                self._add_prompt_logprobs(chunk)
+            except Exception as exc:
+                self._abort_failed(chunk.entry.group, exc)
         self.scheduler.advance(scheduled)
         plans, failed = plan_samples(sampled, self.scheduler)
         for group, exc in failed:
@@ -283,8 +288,23 @@ class LLMEngine:
             self._abort_failed(group, exc)
         return updated
 
+    def _add_prompt_logprobs(self, chunk: PromptLogits) -> None:
+        """Record the prompt logprobs a chunk yields; positions already recorded (a prompt
+        recomputed after a preemption) are kept as they are."""
+        group, seq = chunk.entry.group, chunk.entry.seq
+        if seq.status is not SequenceStatus.RUNNING:  # aborted or restarted this step
+            return
+        recorded = group.prompt_logprobs if group.prompt_logprobs is not None else [None]
+        tokens = seq.token_ids[chunk.first:chunk.first + len(chunk.logits)]
+        for position, logprobs in enumerate(
+                prompt_logprobs(chunk.logits, tokens, group.params.prompt_logprobs),
+                chunk.first):
+            if position == len(recorded):
+                recorded.append(logprobs)
+        group.prompt_logprobs = recorded
+
     def _execute_isolated(self, scheduled: list[ScheduledSeq], error: Exception
-                          ) -> tuple[torch.Tensor, list[ScheduledSeq]]:
+                          ) -> StepLogits:
         """The forward raised: abort the groups that fail alone, and start afresh those
         that reused blocks a failed group was to write (their KV is wrong)."""
         groups = groups_in_order(scheduled)
@@ -331,8 +351,12 @@ class LLMEngine:
             self.scheduler.remove(group)
             self.requests.pop(group.request_id, None)
             self._num_deadlines -= group.deadline is not None
+        prompt = None
+        if getattr(group.params, "prompt_logprobs", None) is not None:
+            prompt = group.prompt_logprobs or [None]
+            decode_tokens(prompt, self._decode)
         return RequestOutput(group.request_id, group.prompt, group.prompt_token_ids, outputs,
-                             finished, m, group.abort_reason)
+                             finished, m, group.abort_reason, prompt)
 
     def _decode(self, prompt_token_ids: list[int], output_token_ids: list[int]) -> str:
         if self.tokenizer is None:

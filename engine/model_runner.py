@@ -15,12 +15,29 @@ from engine.sequence import Sequence
 
 
 @dataclass(slots=True)
+class PromptLogits:
+    """The logits a prompt chunk yields for the prompt tokens it predicts (those from
+    index `first`), for a request that asked for prompt logprobs."""
+
+    entry: ScheduledSeq
+    first: int
+    logits: torch.Tensor
+
+
+@dataclass(slots=True)
 class ModelInput:
     input_ids: torch.Tensor
     positions: torch.Tensor
     meta: AttentionMetadata
     logits_indices: torch.Tensor
     sampled: list[ScheduledSeq]      # the entries whose last token yields logits, in row order
+    # Requests asking for prompt logprobs: (entry, first predicted index, count) and the
+    # rows of the tokens that predict them.
+    prompt_chunks: list[tuple[ScheduledSeq, int, int]]
+    prompt_rows: list[int]
+
+
+StepLogits = tuple[torch.Tensor, list[ScheduledSeq], list[PromptLogits]]
 
 
 class ModelRunner:
@@ -129,24 +146,51 @@ class ModelRunner:
             seq_lens_cpu=seq_lens_list,
             query_lens_cpu=query_lens_list,
         )
+        chunks, rows_of_prompts = self._prompt_rows(batch, starts_list, query_start)
         return ModelInput(self._tensor(np.array(input_ids, dtype=np.int64)),
                           self._tensor(positions), meta,
                           self._tensor(query_start[1:][sampled_rows] - 1),
-                          [batch[i] for i in sampled_rows.tolist()])
+                          [batch[i] for i in sampled_rows.tolist()], chunks, rows_of_prompts)
+
+    @staticmethod
+    def _prompt_rows(batch: list[ScheduledSeq], starts: list[int], query_start: np.ndarray
+                     ) -> tuple[list[tuple[ScheduledSeq, int, int]], list[int]]:
+        """The chunks of prompts whose requests want prompt logprobs: position p predicts
+        prompt token p + 1, for p up to the prompt's second to last token."""
+        chunks: list[tuple[ScheduledSeq, int, int]] = []
+        rows: list[int] = []
+        for i, (entry, start) in enumerate(zip(batch, starts, strict=True)):
+            stop = min(start + entry.num_tokens, entry.seq.prompt_len - 1)
+            if stop <= start or getattr(entry.group.params, "prompt_logprobs", None) is None:
+                continue
+            chunks.append((entry, start + 1, stop - start))
+            first_row = int(query_start[i])
+            rows.extend(range(first_row, first_row + stop - start))
+        return chunks, rows
 
     def _tensor(self, data: np.ndarray) -> torch.Tensor:
         t = torch.from_numpy(data)
         return t.to(self.device, non_blocking=True) if self.device.type != "cpu" else t
 
     @torch.inference_mode()
-    def execute(self, scheduled: list[ScheduledSeq]) -> tuple[torch.Tensor, list[ScheduledSeq]]:
+    def execute(self, scheduled: list[ScheduledSeq]) -> StepLogits:
+        """The logits of the entries that sample (in row order) and, for the requests
+        that asked, of their prompt tokens."""
         inp = self.prepare(scheduled)
         hidden = self._forward(inp.input_ids, inp.positions, inp.meta)
+        prompt: list[PromptLogits] = []
+        if inp.prompt_chunks:
+            rows = torch.tensor(inp.prompt_rows, device=hidden.device)
+            logits = self.model.compute_logits(hidden[rows])
+            offset = 0
+            for entry, first, count in inp.prompt_chunks:
+                prompt.append(PromptLogits(entry, first, logits[offset:offset + count]))
+                offset += count
         if not inp.sampled:
-            return hidden.new_empty((0, 0)), []
+            return hidden.new_empty((0, 0)), [], prompt
         if len(inp.sampled) < len(hidden):  # else every token samples (decodes), in order
             hidden = hidden[inp.logits_indices]
-        return self.model.compute_logits(hidden), inp.sampled
+        return self.model.compute_logits(hidden), inp.sampled, prompt
 
     def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                  meta: AttentionMetadata) -> torch.Tensor:

@@ -29,6 +29,8 @@ class RequestOutput:
     finished: bool
     metrics: RequestMetrics
     abort_reason: str | None = None
+    # SamplingParams.prompt_logprobs: per prompt token, None for the first.
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
 
 
 @dataclass(slots=True)
@@ -79,7 +81,7 @@ def completions(group: SequenceGroup, decode: Callable[[list[int], list[int]], s
         # Copies: an output handed out earlier must not grow with the sequence.
         tokens, logprobs = s.output_token_ids, list(s.logprobs) if want_logprobs else None
         if logprobs:
-            _decode_tokens(logprobs[s.num_reported_tokens:], decode)
+            decode_tokens(logprobs[s.num_reported_tokens:], decode)
         text = s.text if s.detok else decode(group.prompt_token_ids, tokens)
         if held and not s.status.finished:
             text = text[:max(len(text) - held, s.num_reported_chars)]
@@ -96,10 +98,10 @@ def completions(group: SequenceGroup, decode: Callable[[list[int], list[int]], s
     return outs
 
 
-def _decode_tokens(positions: list[dict[int, Logprob]],
-                   decode: Callable[[list[int], list[int]], str]) -> None:
+def decode_tokens(positions: list[dict[int, Logprob] | None],
+                  decode: Callable[[list[int], list[int]], str]) -> None:
     """Give each token of these positions its text, once."""
     for position in positions:
-        for token, logprob in position.items():
+        for token, logprob in (position or {}).items():
             if logprob.decoded_token is None:
                 logprob.decoded_token = decode([], [token])

@@ -12,6 +12,7 @@ from functools import lru_cache
 
 import torch
 
+from engine.logprob import Logprob
 from engine.sampling_params import SamplingParams
 from engine.sequence import Sequence
 from engine.structured_output import TokenMasks, apply_token_masks
@@ -208,3 +209,22 @@ def _draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tenso
     """Sample from `probs` by the exponential race: argmax(p / E), E ~ Exp(1)."""
     noise = torch.empty_like(probs).exponential_(generator=generator)
     return (probs / noise).argmax()
+
+
+def prompt_logprobs(logits: torch.Tensor, tokens: list[int], k: int
+                    ) -> list[dict[int, Logprob]]:
+    """Each row's logprob and rank of the prompt token that follows it, beside the row's
+    top `k` (ranks 1..k)."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logprobs.gather(1, torch.tensor(tokens, device=logprobs.device)[:, None])
+    ranks = ((logprobs > chosen).sum(1) + 1).tolist()
+    top = logprobs.topk(k) if k else None
+    top_ids = top.indices.tolist() if top is not None else [[]] * len(tokens)
+    top_values = top.values.tolist() if top is not None else [[]] * len(tokens)
+    positions = []
+    for token, value, rank, ids, values in zip(tokens, chosen.squeeze(1).tolist(), ranks,
+                                               top_ids, top_values, strict=True):
+        position = {t: Logprob(v, r) for r, (t, v) in enumerate(zip(ids, values, strict=True), 1)}
+        position[token] = Logprob(value, rank)
+        positions.append(position)
+    return positions

@@ -103,6 +103,8 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None
+    # The same for each prompt token after the first (the first has no context).
+    prompt_logprobs: int | None = None
     structured_outputs: StructuredOutputsParams | None = None
     # How the caller reads results, not what is generated: not a job field.
     output_kind: RequestOutputKind = field(default=RequestOutputKind.CUMULATIVE,
@@ -148,6 +150,10 @@ class SamplingParams:
         _check(self.logprobs is None or (_is_int(self.logprobs)
                                          and 0 <= self.logprobs <= MAX_LOGPROBS),
                "logprobs", f"must be None or an int in [0, {MAX_LOGPROBS}]", self.logprobs)
+        _check(self.prompt_logprobs is None or (_is_int(self.prompt_logprobs)
+                                                and 0 <= self.prompt_logprobs <= MAX_LOGPROBS),
+               "prompt_logprobs", f"must be None or an int in [0, {MAX_LOGPROBS}]",
+               self.prompt_logprobs)
         _check(isinstance(self.output_kind, RequestOutputKind), "output_kind",
                "must be a RequestOutputKind", self.output_kind)
         # Greedy samples would all be the same sequence: n > 1 needs randomness.

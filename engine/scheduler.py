@@ -351,7 +351,9 @@ class Scheduler:
                 continue
             # Only the first sequence looks up the cache: the siblings of a recomputed group
             # adopt its blocks (_recompute_shared).
-            prefix = self.bm.find_cached_prefix(seqs[0])
+            # A cached prefix has no logits: prompt logprobs need the whole prompt run.
+            prefix = (CachedPrefix() if getattr(group.params, "prompt_logprobs", None) is not None
+                      else self.bm.find_cached_prefix(seqs[0]))
             need = self._admission_blocks(group, prefix, budget)
             if need is None or need > self.bm.device.num_free:
                 if self.bm.device.num_free == self.bm.device.num_blocks:

@@ -138,6 +138,8 @@ class SequenceGroup:
     seed: int = 0
     abort_reason: str | None = None
     beam: "BeamState | None" = None
+    # Prompt token i -> its logprobs (SamplingParams.prompt_logprobs); [None] + one a token.
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
     # The compiled (or compiling) grammar of a request with structured output.
     grammar: "Grammar | None" = None
 

@@ -14,6 +14,7 @@ from typing import TypeVar
 
 import torch
 
+from engine.model_runner import StepLogits
 from engine.sampler import Sampler
 from engine.scheduler import SamplePlan, ScheduledSeq, Scheduler, StepResult
 from engine.sequence import SequenceGroup, SequenceStatus
@@ -81,13 +82,13 @@ def _written(entry: ScheduledSeq, block_size: int) -> list[int]:
     return entry.seq.block_table[start // block_size:(end - 1) // block_size + 1]
 
 
-def concat_parts(parts: list[tuple[torch.Tensor, list[ScheduledSeq]]]
-                 ) -> tuple[torch.Tensor, list[ScheduledSeq]]:
-    """The logits and sampled entries of forwards run part by part, as one."""
-    ran = [(logits, sampled) for logits, sampled in parts if sampled]
+def concat_parts(parts: list[StepLogits]) -> StepLogits:
+    """The logits, sampled entries and prompt logits of forwards run part by part, as one."""
+    prompt = [chunk for _, _, chunks in parts for chunk in chunks]
+    ran = [(logits, sampled) for logits, sampled, _ in parts if sampled]
     if not ran:
-        return torch.empty(0, 0), []
-    return torch.cat([logits for logits, _ in ran]), [e for _, s in ran for e in s]
+        return torch.empty(0, 0), [], prompt
+    return (torch.cat([logits for logits, _ in ran]), [e for _, s in ran for e in s], prompt)
 
 
 def plan_samples(sampled: list[ScheduledSeq], scheduler: Scheduler

@@ -293,4 +293,6 @@ def result_line(doc_id: str, record: JobRecord) -> dict[str, Any]:
     }
     if first is not None and first.logprobs is not None:  # the job asked for them
         line["logprobs"] = logprobs_to_json(first.logprobs)
+    if record.prompt_logprobs is not None:
+        line["prompt_logprobs"] = logprobs_to_json(record.prompt_logprobs)
     return line

@@ -154,8 +154,9 @@ class JobRunner:
         # Renewal stops before the write that ends the lease, or a renewal racing
         # it would take the ended lease for one lost to another worker.
         self.leases.drop(spec.lease_id)
-        recorded = self.store.finish(spec.id, spec.lease_id, status, error=error,
-                                     outputs=completions, metrics=metrics)
+        recorded = self.store.finish(
+            spec.id, spec.lease_id, status, error=error, outputs=completions, metrics=metrics,
+            prompt_logprobs=None if output is None else output.prompt_logprobs)
         if not recorded:
             log.warning("job %s attempt %d lost its lease to a newer attempt; result dropped",
                         spec.id, spec.attempt)

@@ -102,6 +102,8 @@ class Job(Base):
     # A chat job's messages ({"role", "content"} each): the worker renders them with
     # the model's chat template. None: the job has a prompt.
     messages: Mapped[list[dict[str, str]] | None] = mapped_column(JSON)
+    # When the job asked for prompt_logprobs: per prompt token, as outputs.logprobs.
+    prompt_logprobs: Mapped[list[dict[str, dict[str, Any]] | None] | None] = mapped_column(JSON)
     params: Mapped[dict[str, Any]]
     chat: Mapped[bool] = mapped_column(Boolean, default=False)
     deadline_s: Mapped[float | None] = mapped_column(Float)

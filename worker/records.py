@@ -31,22 +31,25 @@ class Completion:
                    logprobs_from_json(row.logprobs))
 
 
-def logprobs_to_json(logprobs: list[dict[int, Logprob]] | None
-                     ) -> list[dict[str, dict[str, Any]]] | None:
-    """Logprobs as JSON can hold them: string keys, and null for -inf."""
+def logprobs_to_json(logprobs: list[dict[int, Logprob] | None] | None
+                     ) -> list[dict[str, dict[str, Any]] | None] | None:
+    """Logprobs as JSON can hold them: string keys, and null for -inf. A position
+    without logprobs (a prompt's first token) stays null."""
     if logprobs is None:
         return None
-    return [{str(token): {"logprob": lp.logprob if lp.logprob is not None
+    return [None if position is None else
+            {str(token): {"logprob": lp.logprob if lp.logprob is not None
                           and math.isfinite(lp.logprob) else None,
                           "rank": lp.rank, "decoded_token": lp.decoded_token}
              for token, lp in position.items()} for position in logprobs]
 
 
-def logprobs_from_json(data: list[dict[str, dict[str, Any]]] | None
-                       ) -> list[dict[int, Logprob]] | None:
+def logprobs_from_json(data: list[dict[str, dict[str, Any]] | None] | None
+                       ) -> list[dict[int, Logprob] | None] | None:
     if data is None:
         return None
-    return [{int(token): Logprob(**lp) for token, lp in position.items()} for position in data]
+    return [None if position is None else
+            {int(token): Logprob(**lp) for token, lp in position.items()} for position in data]
 
 
 @dataclass(slots=True)
@@ -90,6 +93,8 @@ class JobRecord:
     finished_at: datetime | None
     outputs: list[Completion] = field(default_factory=list)
     metrics: JobMetrics | None = None
+    # When the job asked for prompt_logprobs: per prompt token (None for the first).
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
 
     @property
     def finished(self) -> bool:
@@ -108,6 +113,7 @@ class JobRecord:
             error=row.error, created_at=row.created_at, started_at=row.started_at,
             finished_at=row.finished_at,
             outputs=[Completion.from_row(o) for o in row.outputs],
+            prompt_logprobs=logprobs_from_json(row.prompt_logprobs),
             metrics=JobMetrics.from_row(row.metrics[-1]) if row.metrics else None,
         )
 

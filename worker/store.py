@@ -12,6 +12,7 @@ from sqlalchemy import ColumnElement, Engine, and_, delete, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, selectinload
 
+from engine.logprob import Logprob
 from worker.db import make_engine, make_sessionmaker
 from worker.models import Job, JobStatus, Metrics, Output, utcnow
 from worker.records import (
@@ -233,7 +234,8 @@ class JobStore:
             ).rowcount == 1
 
     def finish(self, job_id: str, lease_id: str, status: JobStatus, *, error: str | None = None,
-               outputs: Sequence[Completion] = (), metrics: JobMetrics | None = None) -> bool:
+               outputs: Sequence[Completion] = (), metrics: JobMetrics | None = None,
+               prompt_logprobs: list[dict[int, Logprob] | None] | None = None) -> bool:
         """Record the end of an attempt in one transaction: the status, every
         output and the metrics, or nothing at all when the attempt's lease is no
         longer the job's (returns False then): a worker that froze past its
@@ -245,7 +247,8 @@ class JobStore:
                 .where(Job.id == job_id, Job.lease_id == lease_id,
                        Job.status == JobStatus.RUNNING)
                 .values(status=status, error=error, finished_at=now, updated_at=now,
-                        lease_id=None, lease_expires_at=None)
+                        lease_id=None, lease_expires_at=None,
+                        prompt_logprobs=logprobs_to_json(prompt_logprobs))
                 .execution_options(synchronize_session=False)
             ).rowcount
             if won != 1:

@@ -1,4 +1,5 @@
-"""outputs.score (a beam's length-penalised score) and outputs.logprobs (per token)
+"""outputs.score (a beam's length-penalised score), outputs.logprobs (per token) and
+jobs.prompt_logprobs (per prompt token)
 
 Revision ID: 0005
 Revises: 0004
@@ -19,9 +20,11 @@ depends_on: str | Sequence[str] | None = None
 def upgrade() -> None:
     op.add_column("outputs", sa.Column("score", sa.Float(), nullable=True))
     op.add_column("outputs", sa.Column("logprobs", sa.JSON(), nullable=True))
+    op.add_column("jobs", sa.Column("prompt_logprobs", sa.JSON(), nullable=True))
 
 
 def downgrade() -> None:
     # A plain ALTER TABLE ... DROP COLUMN (SQLite 3.35+), never a batch copy.
+    op.drop_column("jobs", "prompt_logprobs")
     op.drop_column("outputs", "logprobs")
     op.drop_column("outputs", "score")

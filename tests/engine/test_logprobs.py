@@ -86,3 +86,24 @@ def test_no_logprobs_unless_asked(checkpoint):
                         abs_tol=TOL)
     for out in (without, random_row):
         assert out.logprobs is None and out.cumulative_logprob is None
+
+
+@pytest.mark.parametrize("chunk", [None, 5])
+def test_prompt_logprobs_match_transformers(checkpoint, chunk):
+    model, llm = checkpoint
+    prompt = _prompts()[2]  # 20 tokens
+    if chunk is not None:  # prefill in chunks of 5 tokens, mixed with the other request
+        llm = LLM(str(llm.model_path), dtype="float32", device="cpu", num_device_blocks=64,
+                  max_num_batched_tokens=chunk + 1, max_num_seqs=2, swap_space_gib=0.01)
+    params = SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=2, ignore_eos=True)
+    # The same prompt twice: the second would hit the prefix cache, which has no logits.
+    first, again = llm.generate([prompt, prompt], params, use_tqdm=False)
+    with torch.inference_mode():
+        want = torch.log_softmax(model(torch.tensor([prompt])).logits[0].float(), -1)
+    for out in (first, again):
+        got = out.prompt_logprobs
+        assert len(got) == len(prompt) and got[0] is None
+        for i, step in enumerate(got[1:], 1):
+            _assert_step(step, prompt[i], want[i - 1], 2)
+    plain = llm.generate([prompt], SamplingParams(max_tokens=1), use_tqdm=False)[0]
+    assert plain.prompt_logprobs is None

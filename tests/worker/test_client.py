@@ -138,6 +138,9 @@ def pg_client(redis_url, pg_url, tiny_llama_dir):
     ({"prompt": "x", "params": {"beam_width": 2, "n": 2, "temperature": 0.7}}, "params.n"),
     ({"prompt": "x", "params": {"beam_width": 2, "top_p": 0.5}}, "params.top_p"),
     ({"prompt": "x", "params": {"length_penalty": 2.0}}, "params.length_penalty"),
+    ({"prompt": "x", "params": {"prompt_logprobs": 21}}, "params.prompt_logprobs"),
+    ({"prompt": "x", "params": {"beam_width": 2, "prompt_logprobs": 1}},
+     "params.prompt_logprobs"),
     ({"prompt": "x", "params": {"beam_width": 2, "length_penalty": float("nan")}},
      "params.length_penalty"),
 ])

@@ -183,7 +183,19 @@ def test_a_logprobs_job_stores_what_the_engine_returns(pg_stack, tiny_llama_dir)
                                                    engine_step[token].decoded_token)
     assert got.cumulative_logprob == pytest.approx(want.cumulative_logprob, abs=1e-5)
     plain = client.wait(client.submit("The logprobs of", {"max_tokens": 2}), timeout=30)
-    assert plain.outputs[0].logprobs is None
+    assert plain.outputs[0].logprobs is None and plain.prompt_logprobs is None
+    prompt = client.wait(client.submit("The prompt logprobs of this",
+                                       {"max_tokens": 1, "prompt_logprobs": 1}), timeout=30)
+    want = llm.generate(["The prompt logprobs of this"],
+                        SamplingParams(max_tokens=1, prompt_logprobs=1), use_tqdm=False)[0]
+    assert prompt.prompt_logprobs[0] is None is want.prompt_logprobs[0]
+    assert len(prompt.prompt_logprobs) == len(want.prompt_logprobs) > 2
+    for stored, engine_step in zip(prompt.prompt_logprobs[1:], want.prompt_logprobs[1:],
+                                   strict=True):
+        assert stored.keys() == engine_step.keys()
+        for token, lp in stored.items():
+            assert lp.logprob == pytest.approx(engine_step[token].logprob, abs=1e-5)
+            assert lp.rank == engine_step[token].rank
 
 
 def _wait_for(condition, timeout=30.0):
