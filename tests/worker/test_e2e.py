@@ -1,5 +1,6 @@
 """End to end: a worker subprocess on the tiny checkpoint, jobs through Redis, results in SQL."""
 
+import re
 import time
 
 import pytest
@@ -160,6 +161,18 @@ def test_n_samples_and_beam_search_jobs_return_what_the_engine_returns(pg_stack,
     scores = [o.score for o in beams.outputs]
     assert scores == pytest.approx([o.score for o in want.outputs], abs=1e-5)
     assert scores == sorted(scores, reverse=True) and len(scores) == 3
+
+
+def test_structured_output_jobs_follow_their_constraint(pg_stack):
+    client = pg_stack.client
+    choice = client.submit("Yes or no?", {"max_tokens": 8, "temperature": 0,
+                                          "structured_outputs": {"choice": ["yes", "no"]}})
+    regex = client.submit("A code:", {"max_tokens": 8, "temperature": 0.9, "seed": 3,
+                                      "structured_outputs": {"regex": "[0-9]{3}-[a-z]{2}"}})
+    choice, regex = client.wait(choice, timeout=60), client.wait(regex, timeout=60)
+    assert choice.status is regex.status is JobStatus.SUCCEEDED
+    assert choice.text in ("yes", "no") and choice.outputs[0].finish_reason == "stop"
+    assert re.fullmatch("[0-9]{3}-[a-z]{2}", regex.text)
 
 
 def test_a_logprobs_job_stores_what_the_engine_returns(pg_stack, tiny_llama_dir):
