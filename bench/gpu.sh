@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check in one run (a few minutes on an H100/H200): CUDA greedy parity with
 # Transformers, the seed's table and the 256-request throughput workload on SmolLM2's
-# shape and on a ~1B Llama (random weights, bf16), then the decode-attention kernels.
+# shape and on a ~1B Llama (random weights, bf16), the engine's per-step overhead, then
+# the decode-attention kernels.
 #   bash bench/gpu.sh [OUTDIR]      results and logs under OUTDIR (default out/gpu)
 #   bash bench/gpu.sh --dry-run     the same steps at toy sizes, on whatever device is here
 set -u
@@ -28,10 +29,16 @@ if [ $dry = 0 ]; then
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
     step parity 80 "$py" bench/gpu_parity.py
 fi
+# Transformers' batch-size sweep runs the whole workload once per size: two sizes keep
+# each shape within its limit (a GPU session has 15 minutes in all).
+sweep=(--hf-batches 64,256 --workload-repeats 1)
+[ $dry = 1 ] && sweep=()
 for shape in smollm2 llama-1b; do
     step "throughput-$shape" 240 "$py" bench/throughput.py --random-model "$shape" --repeats 1 \
-        --dtype bfloat16 "${quick[@]}" --out "$out/throughput-$shape.md"
+        --dtype bfloat16 "${sweep[@]}" "${quick[@]}" --out "$out/throughput-$shape.md"
 done
+step step-overhead 90 "$py" bench/step_overhead.py --device "${DEVICE:-auto}" "${quick[@]}" \
+    --out "$out/step-overhead.txt"
 if [ $dry = 0 ] && [ "${KERNELS:-0}" = 1 ]; then
     step kernels 90 "$py" bench/kernels.py --out "$out/kernels.md"
 fi
@@ -39,4 +46,4 @@ for md in "$out"/throughput-*.md; do
     [ -f "$md" ] && "$py" bench/plot.py "$md" -o "${md%.md}.png"
 done
 echo "== tables"
-cat "$out"/*.md 2>/dev/null
+cat "$out"/*.md "$out"/*.txt 2>/dev/null
