@@ -28,7 +28,8 @@ from engine.platform import resolve_device, resolve_dtype
 from engine.request_checks import Params, Prompt, RequestChecker
 from engine.sampler import Sampler, prompt_logprobs
 from engine.sampling_params import RequestOutputKind, SamplingParams
-from engine.scheduler import SamplePlan, ScheduledSeq, Scheduler, StepResult
+from engine.scheduler import Scheduler
+from engine.scheduler_output import SamplePlan, ScheduledSeq, StepResult
 from engine.seq_factory import SequenceFactory
 from engine.sequence import SequenceGroup, SequenceStatus
 from engine.step_isolation import (
@@ -339,10 +340,10 @@ class LLMEngine:
 
     def _report(self, group: SequenceGroup) -> RequestOutput | None:
         """The request's output this step; None while a FINAL_ONLY request runs."""
-        if (getattr(group.params, "output_kind", None) is RequestOutputKind.FINAL_ONLY
-                and not group.is_finished):
-            return None
         finished = group.is_finished
+        if not finished and (getattr(group.params, "output_kind", None)
+                             is RequestOutputKind.FINAL_ONLY):
+            return None
         outputs = completions(group, self._decode)
         m = group.metrics
         m.num_generated_tokens = sum(len(o.token_ids) for o in outputs)

@@ -10,7 +10,7 @@ import torch
 from engine.attention import AttentionBackend, AttentionMetadata
 from engine.cuda_graph import DecodeGraphs
 from engine.input_batch import BlockTables
-from engine.scheduler import ScheduledSeq
+from engine.scheduler_output import ScheduledSeq
 from engine.sequence import Sequence
 
 

@@ -16,7 +16,8 @@ import torch
 
 from engine.model_runner import StepLogits
 from engine.sampler import Sampler
-from engine.scheduler import SamplePlan, ScheduledSeq, Scheduler, StepResult
+from engine.scheduler import Scheduler
+from engine.scheduler_output import SamplePlan, ScheduledSeq, StepResult
 from engine.sequence import SequenceGroup, SequenceStatus
 from engine.structured_output import fill_token_masks
 

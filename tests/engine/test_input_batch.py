@@ -17,7 +17,7 @@ import torch
 from engine import LLM, BeamSearchParams, SamplingParams
 from engine.input_batch import BlockTables
 from engine.model_runner import ModelInput, ModelRunner
-from engine.scheduler import ScheduledSeq
+from engine.scheduler_output import ScheduledSeq
 from engine.sequence import Sequence, SequenceStatus
 
 BLOCK_SIZE = 4

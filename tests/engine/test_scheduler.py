@@ -13,7 +13,8 @@ import torch
 from engine.config import EngineConfig
 from engine.sampler import SampleResult
 from engine.sampling_params import SamplingParams
-from engine.scheduler import SamplePlan, Scheduler, SchedulerOutput
+from engine.scheduler import Scheduler
+from engine.scheduler_output import SamplePlan, SchedulerOutput
 from engine.seq_factory import SequenceFactory
 from engine.sequence import RequestMetrics, Sequence, SequenceGroup, SequenceStatus
 from engine.stop_checker import StopChecker
