@@ -139,6 +139,49 @@ def _run(settings: Settings, args: argparse.Namespace) -> int:
     return 0 if summary.failed == 0 else 1
 
 
+def _serve(settings: Settings, args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from worker.gateway.app import create_app
+    from worker.migrate import check_current
+    from worker.store import JobStore
+
+    store = JobStore.from_url(settings.database_url, pool_size=1)
+    try:
+        check_current(store.engine)  # the gateway's tables come with `pagedq migrate`
+    finally:
+        store.close()
+    uvicorn.run(create_app(settings), host=args.host, port=args.port,
+                log_level=args.loglevel)
+    return 0
+
+
+def _keys(settings: Settings, args: argparse.Namespace) -> int:
+    from worker.keys import KeyProblem, KeyStore
+    from worker.migrate import check_current
+
+    keys = KeyStore(settings.database_url)
+    try:
+        check_current(keys.engine)
+        if args.action == "create":
+            info, key = keys.create(args.name)
+            print(f"API key {info.name!r} ({info.id}); shown once, store it now:\n{key}")
+        elif args.action == "revoke":
+            keys.revoke(args.name)
+            print(f"revoked {args.name!r}")
+        else:
+            for info in keys.list():
+                state = "active" if info.active else f"revoked {info.revoked_at:%Y-%m-%d %H:%M}"
+                print(f"{info.name}\t{info.prefix}...\t{info.created_at:%Y-%m-%d %H:%M}"
+                      f"\t{state}")
+    except KeyProblem as exc:
+        print(f"pagedq: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        keys.close()
+    return 0
+
+
 def _template(text: str) -> str:
     # A shell or Makefile passes "\\n" through as two characters; mean a newline.
     text = text.replace("\\n", "\n").replace("\\t", "\t")
@@ -184,6 +227,21 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="override PAGEDQ_FLOWER_ADDRESS (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="override PAGEDQ_FLOWER_PORT (default 5555)")
     p.set_defaults(command=_flower)
+
+    p = commands.add_parser("serve", help="run the OpenAI-compatible HTTP gateway")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
+    p.add_argument("--loglevel", default="info",
+                   choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(command=_serve)
+
+    p = commands.add_parser("keys", help="create, list or revoke the gateway's API keys")
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for action, text in (("create", "make a key; it is printed once"),
+                         ("revoke", "disable a key at once")):
+        actions.add_parser(action, help=text).add_argument("name", help="the key's name")
+    actions.add_parser("list", help="every key: name, prefix, created, state")
+    p.set_defaults(command=_keys)
 
     for name, func, help_text in (
         ("batch", _batch, "enqueue every document of a JSONL file, collect the results"),

@@ -21,7 +21,7 @@ from worker.records import JobRecord
 from worker.redact import mask_url
 from worker.schemas import GenerationParams, InvalidJob, JobRequest, QueueKind, parse_job
 from worker.settings import ENV_PREFIX, Settings, load_settings
-from worker.store import JobStore
+from worker.store import JobOwner, JobStore
 
 POLL_START_S = 0.02
 POLL_MAX_S = 0.5
@@ -99,15 +99,17 @@ class Client:
                            "messages": None if messages is None else list(messages)})
         return self._submit([job])[0]
 
-    def submit_many(self, requests: Iterable[JobRequest | Mapping[str, Any]]) -> list[str]:
-        """Validate every request first, then store and enqueue them all; one id each."""
+    def submit_many(self, requests: Iterable[JobRequest | Mapping[str, Any]],
+                    owner: JobOwner | None = None) -> list[str]:
+        """Validate every request first, then store and enqueue them all; one id each.
+        `owner`: the API key, batch and expiry the jobs belong to."""
         jobs = []
         for number, request in enumerate(requests):
             try:
                 jobs.append(self._parse(request))
             except InvalidJob as exc:
                 raise InvalidJob(f"job {number}: {exc}") from None
-        return self._submit(jobs)
+        return self._submit(jobs, owner)
 
     def _parse(self, request: JobRequest | Mapping[str, Any]) -> JobRequest:
         job = parse_job(request if isinstance(request, JobRequest) else dict(request))
@@ -125,8 +127,8 @@ class Client:
              "MAX_STOP")
         return job
 
-    def _submit(self, jobs: list[JobRequest]) -> list[str]:
-        submissions = self.store.create(jobs)
+    def _submit(self, jobs: list[JobRequest], owner: JobOwner | None = None) -> list[str]:
+        submissions = self.store.create(jobs, owner=owner)
         fresh = [(s.job_id, job.queue)
                  for s, job in zip(submissions, jobs, strict=True) if s.created]
         try:

@@ -16,6 +16,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     SmallInteger,
     String,
@@ -62,10 +63,11 @@ class JobStatus(enum.StrEnum):
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     CANCELLED = "cancelled"
+    EXPIRED = "expired"  # not started before its expires_at: it never ran
 
     @property
     def finished(self) -> bool:
-        return self in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
+        return self is not JobStatus.QUEUED and self is not JobStatus.RUNNING
 
 
 def _values(enum_class: type[enum.Enum]) -> list[str]:
@@ -128,6 +130,16 @@ class Job(Base):
     # Hash of what the job computes (prompt, params, chat), to tell a retry of
     # the same request from a different request reusing its idempotency key.
     fingerprint: Mapped[str | None] = mapped_column(String(64))
+    # The worker appends the job's text to its Redis Stream after each step.
+    stream: Mapped[bool] = mapped_column(Boolean, default=False)
+    # Not started by then, the job ends expired without running (a batch's window).
+    expires_at: Mapped[datetime | None]
+    # The gateway's API key that submitted the job; None: a Python or CLI producer.
+    api_key_id: Mapped[str | None] = mapped_column(ForeignKey("api_keys.id"), index=True)
+    batch_id: Mapped[str | None] = mapped_column(ForeignKey("batches.id", ondelete="CASCADE"),
+                                                 index=True)
+    # The caller's name for the job within its batch or file (a batch line's custom_id).
+    custom_id: Mapped[str | None] = mapped_column(String(255))
 
     outputs: Mapped[list[Output]] = relationship(
         back_populates="job", order_by="Output.index", cascade="all, delete-orphan"
@@ -183,3 +195,74 @@ class Metrics(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     job: Mapped[Job] = relationship(back_populates="metrics")
+
+
+class ApiKey(Base):
+    """A gateway API key; only its SHA-256 is stored, the key is shown once."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    name: Mapped[str] = mapped_column(String(255), unique=True)
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    # The key's first characters, to tell keys apart in listings.
+    prefix: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    revoked_at: Mapped[datetime | None]
+
+
+class StoredFile(Base):
+    """A file of OpenAI's Files API: a batch's input, output or errors."""
+
+    __tablename__ = "files"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    api_key_id: Mapped[str | None] = mapped_column(ForeignKey("api_keys.id"), index=True)
+    purpose: Mapped[str] = mapped_column(String(32))
+    filename: Mapped[str] = mapped_column(String(255))
+    bytes: Mapped[int] = mapped_column(Integer)
+    content: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class BatchStatus(enum.StrEnum):
+    VALIDATING = "validating"
+    FAILED = "failed"
+    IN_PROGRESS = "in_progress"
+    FINALIZING = "finalizing"
+    COMPLETED = "completed"
+    EXPIRED = "expired"
+    CANCELLING = "cancelling"
+    CANCELLED = "cancelled"
+
+
+class Batch(Base):
+    """A batch of OpenAI's Batch API: one job per valid line of its input file."""
+
+    __tablename__ = "batches"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    api_key_id: Mapped[str | None] = mapped_column(ForeignKey("api_keys.id"), index=True)
+    status: Mapped[BatchStatus] = mapped_column(
+        Enum(BatchStatus, native_enum=False, length=16, values_callable=_values))
+    endpoint: Mapped[str] = mapped_column(String(64))
+    input_file_id: Mapped[str] = mapped_column(String(40))
+    completion_window: Mapped[str] = mapped_column(String(16))
+    # OpenAI's `metadata` ("metadata" itself is taken by SQLAlchemy's declarative base).
+    batch_metadata: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSON)
+    # Lines refused at validation ({"line", "custom_id", "code", "message"} each), and
+    # the batch's own errors when it failed as a whole.
+    line_errors: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
+    errors: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)
+    total: Mapped[int] = mapped_column(Integer, default=0)  # lines, valid or not
+    output_file_id: Mapped[str | None] = mapped_column(String(40))
+    error_file_id: Mapped[str | None] = mapped_column(String(40))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime]
+    in_progress_at: Mapped[datetime | None]
+    finalizing_at: Mapped[datetime | None]
+    completed_at: Mapped[datetime | None]
+    failed_at: Mapped[datetime | None]
+    expired_at: Mapped[datetime | None]
+    cancelling_at: Mapped[datetime | None]
+    cancelled_at: Mapped[datetime | None]

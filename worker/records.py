@@ -95,6 +95,11 @@ class JobRecord:
     metrics: JobMetrics | None = None
     # When the job asked for prompt_logprobs: per prompt token (None for the first).
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None
+    custom_id: str | None = None
+    batch_id: str | None = None
+    api_key_id: str | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+    chat: bool = False  # a chat job: a prompt as one user message, or messages
 
     @property
     def finished(self) -> bool:
@@ -115,6 +120,8 @@ class JobRecord:
             outputs=[Completion.from_row(o) for o in row.outputs],
             prompt_logprobs=logprobs_from_json(row.prompt_logprobs),
             metrics=JobMetrics.from_row(row.metrics[-1]) if row.metrics else None,
+            custom_id=row.custom_id, batch_id=row.batch_id, api_key_id=row.api_key_id,
+            params=dict(row.params), chat=row.chat or row.messages is not None,
         )
 
 
@@ -132,6 +139,7 @@ class JobSpec:
     deadline_s: float | None
     created_at: datetime
     messages: list[dict[str, str]] | None = None
+    stream: bool = False  # append the text to the job's Redis Stream as it comes
 
 
 class ClaimOutcome(enum.Enum):
@@ -141,6 +149,7 @@ class ClaimOutcome(enum.Enum):
     BUSY = "busy"  # a duplicate delivery of a job that a live lease holds
     CANCELLED = "cancelled"  # cancelled before it could start
     EXHAUSTED = "exhausted"  # too many attempts; now failed
+    EXPIRED = "expired"  # not started before its expires_at; now expired
 
 
 @dataclass(slots=True)

@@ -201,6 +201,11 @@ class JobRequest(BaseModel):
     deadline_s: float | None = Field(None, gt=0, allow_inf_nan=False)
     # Wrap the prompt as one user message in the model's chat template.
     chat: bool = False
+    # Stream the text as it is generated (Client.stream); every job can be read once
+    # it ends, streamed or not.
+    stream: bool = False
+    # The producer's own name for the job (a batch line's custom_id, a document's id).
+    custom_id: str | None = Field(None, max_length=255)
 
     @field_validator("prompt")
     @classmethod
@@ -215,7 +220,7 @@ class JobRequest(BaseModel):
             raise ValueError("token ids must be in [0, 2**31)")
         return prompt
 
-    @field_validator("idempotency_key")
+    @field_validator("idempotency_key", "custom_id")
     @classmethod
     def _storable_key(cls, key: str | None) -> str | None:
         if key is not None:

@@ -82,6 +82,23 @@ class _WorkerSettings(BaseSettings):
     # expired; None: half the lease, at most a tenth of republish_after_s.
     sweep_interval_s: float | None = Field(None, gt=0)
 
+    # Streaming: a job's Redis Stream keeps at most this many entries (a reader that
+    # falls further behind gets the rest from SQL at the end) and lives this long
+    # after the job ends.
+    stream_maxlen: int = Field(4096, gt=0)
+    stream_ttl_s: float = Field(600.0, gt=0)
+    # A worker serves its engine's Prometheus metrics on this port; None: not at all.
+    metrics_port: int | None = Field(None, ge=0, le=65535)
+    metrics_address: str = "127.0.0.1"
+
+    # The gateway (`pagedq serve`): the name /v1/models lists (default: the model's),
+    # the largest upload, and how long a batch's "24h" completion window lasts.
+    served_model_name: str | None = None
+    max_file_bytes: int = Field(100 * 2**20, gt=0)
+    batch_window_s: float = Field(24 * 3600.0, gt=0)
+    # Jobs queued and unstarted beyond which the gateway answers 429; None: no limit.
+    max_queued_jobs: int | None = Field(None, gt=0)
+
     flower_address: str = "127.0.0.1"
     flower_port: int = Field(5555, ge=0, le=65535)
     flower_user: str = "admin"

@@ -41,6 +41,15 @@ class Due(NamedTuple):
     orphaned: bool  # its worker died running it (not: its message was lost)
 
 
+@dataclass(slots=True, frozen=True)
+class JobOwner:
+    """Who a set of jobs belongs to, beside what each computes."""
+
+    api_key_id: str | None = None
+    batch_id: str | None = None
+    expires_at: datetime | None = None  # not started by then: the job ends expired
+
+
 @dataclass(slots=True)
 class Submission:
     job_id: str
@@ -64,25 +73,35 @@ class JobStore:
 
     # -- producer side ---------------------------------------------------
 
-    def create(self, requests: Sequence[JobRequest], *, published: bool = True) -> list[Submission]:
+    def create(self, requests: Sequence[JobRequest], *, published: bool = True,
+               owner: JobOwner | None = None) -> list[Submission]:
         """Insert one queued row per request, all or none; a live or succeeded job
         with the same idempotency key and the same work is returned instead of a
         new one, and one with other work raises IdempotencyConflict.
 
         `published`: the caller sends each new job's message right after, so the
         row says it went out now; a producer that dies in between leaves a job
-        that the sweep publishes later. False: the caller runs the jobs itself."""
+        that the sweep publishes later. False: the caller runs the jobs itself.
+        `owner`: the API key, batch and expiry the jobs belong to (the gateway's)."""
         now = utcnow()
         submissions: list[Submission] = []
         with self._session() as session, session.begin():
-            for start in range(0, len(requests), INSERT_CHUNK):
-                chunk = requests[start:start + INSERT_CHUNK]
-                submissions += self._create_chunk(session, chunk, now, published)
+            submissions = self.create_in(session, requests, now, published, owner)
+        return submissions
+
+    def create_in(self, session: Session, requests: Sequence[JobRequest], now: datetime,
+                  published: bool = True, owner: JobOwner | None = None) -> list[Submission]:
+        """`create` inside the caller's transaction (a batch and its jobs go in together)."""
+        submissions: list[Submission] = []
+        for start in range(0, len(requests), INSERT_CHUNK):
+            chunk = requests[start:start + INSERT_CHUNK]
+            submissions += self._create_chunk(session, chunk, now, published,
+                                              owner or JobOwner())
         return submissions
 
     def _create_chunk(self, session: Session, requests: Sequence[JobRequest], now: datetime,
-                      published: bool) -> list[Submission]:
-        rows = [_new_row(request, now, published) for request in requests]
+                      published: bool, owner: JobOwner) -> list[Submission]:
+        rows = [_new_row(request, now, published, owner) for request in requests]
         keys = [row["idempotency_key"] for row in rows if row["idempotency_key"]]
         if keys:
             # A failed or cancelled job gives its key up, so that resubmitting
@@ -173,7 +192,7 @@ class JobStore:
             attempt = session.scalar(
                 update(Job)
                 .where(Job.id == job_id, Job.cancel_requested.is_(False),
-                       Job.attempts < max_attempts, _takeable(now))
+                       Job.attempts < max_attempts, _takeable(now), _unexpired(now))
                 .values(status=JobStatus.RUNNING, attempts=Job.attempts + 1, worker=worker,
                         started_at=now, updated_at=now, lease_id=lease_id,
                         lease_expires_at=now + timedelta(seconds=lease_s))
@@ -187,13 +206,17 @@ class JobStore:
                 prompt = job.prompt_text if job.prompt_text is not None else job.prompt_token_ids
                 return Claim(ClaimOutcome.CLAIMED, JobSpec(
                     job.id, attempt, lease_id, prompt, dict(job.params), job.priority, job.chat,
-                    job.deadline_s, job.created_at, job.messages))
+                    job.deadline_s, job.created_at, job.messages, job.stream))
             if job.status.finished:
                 return Claim(ClaimOutcome.FINISHED)
             if job.status is JobStatus.RUNNING and not _expired(job.lease_expires_at, now):
                 return Claim(ClaimOutcome.BUSY)
             job.finished_at = now
             job.lease_id = job.lease_expires_at = None
+            if job.status is JobStatus.QUEUED and _expired(job.expires_at, now, unset=False):
+                job.status = JobStatus.EXPIRED
+                job.error = "expired before it started"
+                return Claim(ClaimOutcome.EXPIRED)
             if job.cancel_requested:
                 job.status = JobStatus.CANCELLED
                 return Claim(ClaimOutcome.CANCELLED)
@@ -322,8 +345,16 @@ def _takeable(now: datetime) -> ColumnElement[bool]:
                and_(Job.status == JobStatus.RUNNING, _expired_lease(now)))
 
 
-def _expired(lease_expires_at: datetime | None, now: datetime) -> bool:
-    return lease_expires_at is None or lease_expires_at < now
+def _unexpired(now: datetime) -> ColumnElement[bool]:
+    """A queued job past its expires_at is not taken (a running one keeps going)."""
+    return or_(Job.status == JobStatus.RUNNING, Job.expires_at.is_(None),
+               Job.expires_at >= now)
+
+
+def _expired(expires_at: datetime | None, now: datetime, unset: bool = True) -> bool:
+    """`unset`: what a missing time means (a lease without one is expired; a job
+    without expires_at never expires)."""
+    return unset if expires_at is None else expires_at < now
 
 
 def _storable(text: str) -> str:
@@ -332,7 +363,8 @@ def _storable(text: str) -> str:
     return text.replace("\x00", "\ufffd")
 
 
-def _new_row(request: JobRequest, now: datetime, published: bool) -> dict[str, Any]:
+def _new_row(request: JobRequest, now: datetime, published: bool,
+             owner: JobOwner) -> dict[str, Any]:
     text_prompt = isinstance(request.prompt, str)
     token_prompt = isinstance(request.prompt, list)
     return {
@@ -354,4 +386,9 @@ def _new_row(request: JobRequest, now: datetime, published: bool) -> dict[str, A
         "updated_at": now,
         "published_at": now if published else None,
         "fingerprint": request.fingerprint(),
+        "stream": request.stream,
+        "custom_id": request.custom_id,
+        "api_key_id": owner.api_key_id,
+        "batch_id": owner.batch_id,
+        "expires_at": owner.expires_at,
     }

@@ -1,0 +1,1 @@
+"""`pagedq serve`: an OpenAI-compatible HTTP producer of jobs (FastAPI on uvicorn)."""

@@ -1,0 +1,70 @@
+"""What every request handler of the gateway shares: one per process."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import redis.asyncio as aioredis
+from fastapi import Request
+from starlette.concurrency import run_in_threadpool
+
+from worker.client import Client
+from worker.gateway.errors import APIError
+from worker.keys import KeyInfo, KeyStore
+from worker.settings import Settings
+
+# A revoked key stops working within this many seconds on every replica.
+KEY_CACHE_S = 5.0
+
+
+@dataclass
+class Gateway:
+    settings: Settings
+    client: Client  # stores and publishes jobs, as any producer does
+    keys: KeyStore
+    redis: aioredis.Redis  # reads the workers' per-job streams
+    _known: dict[str, tuple[float, KeyInfo | None]] = field(default_factory=dict)
+
+    @classmethod
+    def open(cls, settings: Settings) -> Gateway:
+        return cls(settings, Client(settings), KeyStore(settings.database_url),
+                   aioredis.Redis.from_url(settings.broker_url))
+
+    async def close(self) -> None:
+        await self.redis.aclose()
+        self.keys.close()
+        self.client.close()
+
+    @property
+    def model_name(self) -> str:
+        return self.settings.served_model_name or self.settings.model
+
+    async def key_for(self, key: str) -> KeyInfo | None:
+        now = time.monotonic()
+        cached = self._known.get(key)
+        if cached is not None and now - cached[0] < KEY_CACHE_S:
+            return cached[1]
+        info = await run_in_threadpool(self.keys.verify, key)
+        if len(self._known) > 10_000:  # a flood of made-up keys must not grow it forever
+            self._known.clear()
+        self._known[key] = (now, info)
+        return info
+
+
+def gateway(request: Request) -> Gateway:
+    return request.app.state.gateway
+
+
+async def api_key(request: Request) -> KeyInfo:
+    """The caller's key from `Authorization: Bearer <key>`; 401 without a valid one."""
+    header = request.headers.get("authorization", "")
+    scheme, _, key = header.partition(" ")
+    if scheme.lower() != "bearer" or not key.strip():
+        raise APIError(401, "Missing API key: send 'Authorization: Bearer <key>' "
+                            "(make one with `pagedq keys create NAME`).",
+                       code="missing_api_key")
+    info = await gateway(request).key_for(key.strip())
+    if info is None:
+        raise APIError(401, "Incorrect or revoked API key.", code="invalid_api_key")
+    return info
