@@ -1,5 +1,6 @@
-"""Worker bootsteps: one engine per worker process, its state in `inspect stats`;
-the sweep that publishes again the jobs whose message Redis lost.
+"""Worker bootsteps: one engine per worker process, its state in `inspect stats` and
+on its Prometheus port, its jobs' tokens on their Redis Streams; the sweep that
+publishes again the jobs whose message Redis lost.
 
 The engine is built inside the worker process, after Celery has started
 (never before a fork: CUDA cannot be initialised again in a forked child),
@@ -13,6 +14,7 @@ from __future__ import annotations
 import logging
 from os import EX_SOFTWARE
 from typing import Any
+from wsgiref.simple_server import WSGIServer
 
 from celery import bootsteps
 from celery.worker import state as worker_state
@@ -21,8 +23,10 @@ from celery.worker.control import control_command
 from worker.celery_app import CANCEL_COMMAND, PagedqCelery
 from worker.engine_service import EngineService
 from worker.executor import RESULT_GRACE_S, JobRunner
+from worker.metrics import WorkerMetrics
 from worker.migrate import check_current
 from worker.store import JobStore
+from worker.streams import StreamWriter
 from worker.sweeper import Sweeper
 from worker.tasks import register_tasks
 
@@ -35,6 +39,7 @@ class EngineStep(bootsteps.StartStopStep):
     def __init__(self, parent: Any, **kwargs: Any) -> None:
         super().__init__(parent, **kwargs)
         self.runner: JobRunner | None = None
+        self.metrics_server: WSGIServer | None = None
 
     def start(self, parent: Any) -> None:
         app: PagedqCelery = parent.app
@@ -47,10 +52,16 @@ class EngineStep(bootsteps.StartStopStep):
 
             return LLMEngine(EngineConfig(**settings.engine_kwargs()))
 
-        service = EngineService(build, on_death=lambda: _exit_worker(app))
+        streams = StreamWriter(settings.broker_url, settings.stream_maxlen,
+                               settings.stream_ttl_s)
+        streams.start()
+        service = EngineService(build, on_death=lambda: _exit_worker(app), streams=streams)
+        metrics = WorkerMetrics(service.stats)
         log.info("starting the engine on %s", settings.model)
         service.start()
-        self.runner = app.runner = JobRunner(store, service, settings)
+        self.runner = app.runner = JobRunner(store, service, settings, streams, metrics)
+        if settings.metrics_port is not None:
+            self.metrics_server = metrics.serve(settings.metrics_port, settings.metrics_address)
         log.info("engine ready")
 
     def stop(self, parent: Any) -> None:
@@ -61,6 +72,13 @@ class EngineStep(bootsteps.StartStopStep):
         self.runner.service.stop(timeout=self.runner.settings.job_deadline_s + RESULT_GRACE_S)
         self.runner.close()
         self.runner.store.close()
+        # An end entry a job thread writes after this is lost: its readers take the
+        # end from SQL at their next poll.
+        if self.runner.streams is not None:
+            self.runner.streams.close()
+        if self.metrics_server is not None:
+            self.metrics_server.shutdown()
+            self.metrics_server = None
         parent.app.runner = self.runner = None
 
     def info(self, parent: Any) -> dict[str, Any]:

@@ -4,7 +4,9 @@ The engine is not thread-safe, so a single loop thread alone calls
 add_request, abort_request and step. Task threads hand it commands through a
 queue and block on a Future; because every running task has its request in
 the same engine, they are all decoded together in each step (continuous
-batching across Celery tasks).
+batching across Celery tasks). A streaming request reports what is new after
+every step (RequestOutputKind.DELTA): the loop hands that to the StreamWriter and
+keeps the whole output for the job's thread.
 """
 
 from __future__ import annotations
@@ -17,11 +19,13 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
+from worker.streams import StreamWriter
+
 if TYPE_CHECKING:
-    from engine import LLMEngine, RequestOutput, SamplingParams
+    from engine import CompletionOutput, LLMEngine, RequestOutput, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -56,11 +60,13 @@ class Generation:
 class _Add:
     request_id: str
     job_id: str
+    attempt: str
     prompt: str | list[int]
     params: SamplingParams
     priority: int
     deadline: float | None
     future: Future[Generation]
+    stream: bool
 
 
 @dataclass(slots=True)
@@ -72,8 +78,40 @@ class _Cancel:
 @dataclass(slots=True)
 class _Live:
     job_id: str
+    attempt: str
     future: Future[Generation]
     cancelled: bool = False
+    # A streaming request's outputs so far, by index (its steps report only deltas).
+    whole: dict[int, _Whole] | None = None
+
+
+@dataclass(slots=True)
+class _Whole:
+    """One streaming completion's output, built up from its deltas in pieces (joined
+    once at the end: appending to one long string would copy it every step)."""
+
+    last: CompletionOutput  # its finish and logprob fields describe the whole so far
+    texts: list[str] = field(default_factory=list)
+    chars: int = 0
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[Any] | None = None
+
+    def add(self, new: CompletionOutput) -> tuple[int, int]:
+        """Append a delta; returns how many characters and tokens came before it."""
+        start = (self.chars, len(self.token_ids))
+        self.last = new
+        self.texts.append(new.text)
+        self.chars += len(new.text)
+        self.token_ids += new.token_ids
+        if new.logprobs is not None:
+            if self.logprobs is None:
+                self.logprobs = []
+            self.logprobs += new.logprobs
+        return start
+
+    def output(self) -> CompletionOutput:
+        return replace(self.last, text="".join(self.texts), token_ids=self.token_ids,
+                       logprobs=self.logprobs)
 
 
 @dataclass(slots=True)
@@ -92,11 +130,14 @@ class _Rate:
 
 class EngineService:
     def __init__(self, build: Callable[[], LLMEngine],
-                 on_death: Callable[[], None] | None = None) -> None:
+                 on_death: Callable[[], None] | None = None,
+                 streams: StreamWriter | None = None) -> None:
         """`on_death` is called from the loop thread if the loop dies, after every
-        job in it has been failed: a worker without an engine should exit."""
+        job in it has been failed: a worker without an engine should exit. `streams`
+        takes the new outputs of the requests submitted with `stream`."""
         self._build = build
         self._on_death = on_death
+        self._streams = streams
         self._commands: queue.SimpleQueue[_Add | _Cancel | None] = queue.SimpleQueue()
         self._live: dict[str, _Live] = {}  # request id -> its job and future
         self._early_cancels: dict[str, float] = {}  # job id -> when the cancel came
@@ -137,8 +178,10 @@ class EngineService:
 
     def submit(self, job_id: str, attempt: str | int, prompt: str | list[int],
                params: SamplingParams, priority: int = 0,
-               deadline: float | None = None) -> Future[Generation]:
-        """Queue one attempt at a job; `attempt` tells it from other attempts."""
+               deadline: float | None = None, stream: bool = False) -> Future[Generation]:
+        """Queue one attempt at a job; `attempt` tells it from other attempts.
+        `stream` (with params.output_kind DELTA): each step's new outputs go to the
+        StreamWriter; the Generation still holds the whole output."""
         future: Future[Generation] = Future()
         # Under the lock no submission can slip in behind stop()'s sentinel,
         # where the finished loop would never answer it.
@@ -146,8 +189,8 @@ class EngineService:
             if self._closed:
                 future.set_exception(EngineFailure("the worker is shutting down"))
             else:
-                self._commands.put(_Add(f"{job_id}#{attempt}", job_id, prompt, params,
-                                        priority, deadline, future))
+                self._commands.put(_Add(f"{job_id}#{attempt}", job_id, str(attempt), prompt,
+                                        params, priority, deadline, future, stream))
         return future
 
     @contextmanager
@@ -248,7 +291,9 @@ class EngineService:
         except Exception as exc:  # bad input is a ValueError; the job decides what else means
             command.future.set_exception(exc)
             return
-        self._live[command.request_id] = _Live(command.job_id, command.future)
+        streamed = command.stream and self._streams is not None
+        self._live[command.request_id] = _Live(command.job_id, command.attempt, command.future,
+                                               whole={} if streamed else None)
 
     def _cancel(self, command: _Cancel) -> None:
         assert self._engine is not None
@@ -274,10 +319,26 @@ class EngineService:
             self._engine = self._build()
             return
         for output in outputs:
+            live = self._live.get(output.request_id)
+            if live is not None and live.whole is not None:
+                output = self._stream(live, output)
             if output.finished:
                 live = self._live.pop(output.request_id)
                 live.future.set_result(Generation(output, live.cancelled))
         self._refresh_stats()
+
+    def _stream(self, live: _Live, output: RequestOutput) -> RequestOutput:
+        """Hand a streaming request's new outputs to the writer; returns, once it has
+        finished, its whole output as a non-streaming request would have it."""
+        assert self._streams is not None and live.whole is not None
+        starts = [live.whole.setdefault(new.index, _Whole(new)).add(new)
+                  for new in output.outputs]
+        self._streams.delta(live.job_id, live.attempt, output.outputs, starts)
+        if not output.finished:
+            return output
+        outputs = [live.whole[index].output() for index in sorted(live.whole)]
+        output.metrics.num_generated_tokens = sum(len(o.token_ids) for o in outputs)
+        return replace(output, outputs=outputs)
 
     def _fail_all(self, error: Exception) -> None:
         for live in self._live.values():

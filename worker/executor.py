@@ -1,7 +1,8 @@
 """One attempt at one job: claim the row, generate in the shared engine, record the end.
 
 Both the Celery task and the in-process `pagedq run` go through here, so a
-job behaves the same with or without a broker.
+job behaves the same with or without a broker. With a StreamWriter, a job asking
+to stream runs with DELTA outputs, and every job's end is announced on its stream.
 """
 
 from __future__ import annotations
@@ -16,11 +17,13 @@ from typing import TYPE_CHECKING
 from worker.db import is_transient
 from worker.engine_service import EngineFailure, EngineService, Generation, JobCancelled
 from worker.leases import LeaseKeeper
+from worker.metrics import WorkerMetrics
 from worker.models import JobStatus
 from worker.records import ClaimOutcome, Completion, JobMetrics, JobSpec
 from worker.schemas import engine_params
 from worker.settings import Settings
 from worker.store import JobStore
+from worker.streams import StreamWriter
 
 if TYPE_CHECKING:
     from engine import RequestOutput
@@ -28,6 +31,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DEADLINE_REASON = "deadline exceeded"
+# Claims that end a job without running it, as the status they record.
+ENDED_BY_CLAIM = {ClaimOutcome.CANCELLED: JobStatus.CANCELLED,
+                  ClaimOutcome.EXPIRED: JobStatus.EXPIRED,
+                  ClaimOutcome.EXHAUSTED: JobStatus.FAILED}
 # The engine resolves every request by its deadline; waiting longer than this
 # past it means the loop thread is gone, and the job is better retried.
 RESULT_GRACE_S = 60.0
@@ -48,10 +55,16 @@ def is_retryable(exc: BaseException) -> bool:
 
 
 class JobRunner:
-    def __init__(self, store: JobStore, service: EngineService, settings: Settings) -> None:
+    def __init__(self, store: JobStore, service: EngineService, settings: Settings,
+                 streams: StreamWriter | None = None,
+                 metrics: WorkerMetrics | None = None) -> None:
+        """`streams`: the writer `service` streams to; `metrics`: where finished
+        attempts are counted. Neither: no streaming, no metrics."""
         self.store = store
         self.service = service
         self.settings = settings
+        self.streams = streams
+        self.metrics = metrics
         self.leases = LeaseKeeper(store, settings.lease_s, service.alive,
                                   service.abort_attempt)
         self.leases.start()
@@ -70,6 +83,8 @@ class JobRunner:
                                      self.settings.lease_s)
             if claim.spec is None:
                 log.info("job %s not run: %s", job_id, claim.outcome.value)
+                if claim.outcome in ENDED_BY_CLAIM:
+                    self._ended(job_id, "", ENDED_BY_CLAIM[claim.outcome], None)
                 return Outcome(job_id, claim.outcome)
             spec = claim.spec
             self.leases.hold(spec.id, spec.lease_id)
@@ -105,13 +120,18 @@ class JobRunner:
     def _start(self, spec: JobSpec) -> Future[Generation] | Outcome:
         from engine import RequestOutputKind
 
+        # Only a streaming job pays for reporting every step.
+        kind = RequestOutputKind.DELTA if spec.stream and self.streams is not None \
+            else RequestOutputKind.FINAL_ONLY
         try:
-            params = engine_params(spec.params, RequestOutputKind.FINAL_ONLY)
+            params = engine_params(spec.params, kind)
             prompt = self._render(spec)
         except ValueError as exc:
             return self._finish(spec, JobStatus.FAILED, error=f"invalid job: {exc}")
+        # Beam search has no output kind: its beams are known only at the end.
+        stream = getattr(params, "output_kind", None) is RequestOutputKind.DELTA
         return self.service.submit(spec.id, spec.lease_id, prompt, params, spec.priority,
-                                   time.time() + self._deadline_s(spec))
+                                   time.time() + self._deadline_s(spec), stream=stream)
 
     def _collect(self, spec: JobSpec, future: Future[Generation], worker: str) -> Outcome:
         deadline_s = self._deadline_s(spec)
@@ -157,10 +177,20 @@ class JobRunner:
         recorded = self.store.finish(
             spec.id, spec.lease_id, status, error=error, outputs=completions, metrics=metrics,
             prompt_logprobs=None if output is None else output.prompt_logprobs)
-        if not recorded:
+        if recorded:
+            self._ended(spec.id, spec.lease_id, status, metrics)
+        else:
             log.warning("job %s attempt %d lost its lease to a newer attempt; result dropped",
                         spec.id, spec.attempt)
         return Outcome(spec.id, ClaimOutcome.CLAIMED, status, error, recorded)
+
+    def _ended(self, job_id: str, attempt: str, status: JobStatus,
+               metrics: JobMetrics | None) -> None:
+        """The job's row is final: tell its stream's readers, and count it."""
+        if self.streams is not None:
+            self.streams.end(job_id, attempt, status)
+        if self.metrics is not None:
+            self.metrics.observe(status, metrics)
 
 
 def _judge(generation: Generation, deadline_s: float) -> tuple[JobStatus, str | None]:
