@@ -10,9 +10,10 @@ imports the engine.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
+import redis
 from kombu.exceptions import OperationalError as BrokerError
 
 from worker.celery_app import CANCEL_COMMAND, TASK_NAME, PagedqCelery, create_app
@@ -22,6 +23,7 @@ from worker.redact import mask_url
 from worker.schemas import GenerationParams, InvalidJob, JobRequest, QueueKind, parse_job
 from worker.settings import ENV_PREFIX, Settings, load_settings
 from worker.store import JobOwner, JobStore
+from worker.streams import StreamDelta, read_stream
 
 POLL_START_S = 0.02
 POLL_MAX_S = 0.5
@@ -61,6 +63,13 @@ def publish(app: PagedqCelery, jobs: Sequence[tuple[str, QueueKind]],
         ) from exc
 
 
+def broadcast_cancel(app: PagedqCelery, job_ids: Iterable[str]) -> None:
+    """Ask the workers to abort these running jobs (each worker's engine drops those it
+    holds); their rows must already say cancel_requested, so a retry never runs them."""
+    for job_id in job_ids:
+        app.control.broadcast(CANCEL_COMMAND, arguments={"job_id": job_id})
+
+
 def _cap(field: str, size: int, unit: str, limit: int, variable: str) -> None:
     if size > limit:
         raise InvalidJob(f"{field}: {size} {unit} is over {ENV_PREFIX}{variable} ({limit})")
@@ -93,10 +102,10 @@ class Client:
         Raises InvalidJob (naming the field) or BrokerUnavailable."""
         if isinstance(params, GenerationParams):
             params = params.model_dump()
-        job = self._parse({"prompt": prompt, "params": dict(params or {}), "priority": priority,
-                           "queue": queue, "idempotency_key": idempotency_key,
-                           "deadline_s": deadline_s, "chat": chat,
-                           "messages": None if messages is None else list(messages)})
+        job = self.parse({"prompt": prompt, "params": dict(params or {}), "priority": priority,
+                          "queue": queue, "idempotency_key": idempotency_key,
+                          "deadline_s": deadline_s, "chat": chat,
+                          "messages": None if messages is None else list(messages)})
         return self._submit([job])[0]
 
     def submit_many(self, requests: Iterable[JobRequest | Mapping[str, Any]],
@@ -106,12 +115,13 @@ class Client:
         jobs = []
         for number, request in enumerate(requests):
             try:
-                jobs.append(self._parse(request))
+                jobs.append(self.parse(request))
             except InvalidJob as exc:
                 raise InvalidJob(f"job {number}: {exc}") from None
         return self._submit(jobs, owner)
 
-    def _parse(self, request: JobRequest | Mapping[str, Any]) -> JobRequest:
+    def parse(self, request: JobRequest | Mapping[str, Any]) -> JobRequest:
+        """A valid request within this producer's size caps; InvalidJob naming the field."""
         job = parse_job(request if isinstance(request, JobRequest) else dict(request))
         s, params = self.settings, job.params
         if job.messages is not None:
@@ -156,11 +166,24 @@ class Client:
             time.sleep(pause)
             pause = min(pause * 2, POLL_MAX_S)
 
+    def stream(self, job_id: str, timeout: float | None = None) -> Iterator[StreamDelta]:
+        """The job's output as it is generated (a job submitted with stream=True; any
+        other job's arrives whole at its end), then what the stored output holds
+        beyond it: the deltas of each completion concatenate to its stored text.
+        Read the record with get() once it ends. KeyError for no such job;
+        TimeoutError after `timeout` seconds; StreamDiverged if a retried attempt
+        generated other text than was sent."""
+        with redis.Redis.from_url(self.settings.broker_url, decode_responses=True) as r:
+            for item in read_stream(r, job_id, lambda: self.store.get(job_id),
+                                    timeout=timeout):
+                if isinstance(item, StreamDelta):
+                    yield item
+
     def cancel(self, job_id: str) -> bool:
         """Cancel a job. A queued job is cancelled at once; a running one is
         aborted by its worker's engine within a step. False if it had already
         finished (or does not exist)."""
         before = self.store.request_cancel(job_id)
         if before is JobStatus.RUNNING:
-            self.app.control.broadcast(CANCEL_COMMAND, arguments={"job_id": job_id})
+            broadcast_cancel(self.app, [job_id])
         return before in (JobStatus.QUEUED, JobStatus.RUNNING)
