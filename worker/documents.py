@@ -146,7 +146,7 @@ def _parse_line(line: str, options: JobOptions, allowed: frozenset[str]) -> Docu
     if "response_format" in data:
         if "structured_outputs" in data:
             raise ValueError("response_format: give it or structured_outputs, not both")
-        params["structured_outputs"] = _structure_of(data["response_format"])
+        params["structured_outputs"] = structure_of(data["response_format"])
     job = parse_job({"prompt": prompt, "messages": messages, "params": params,
                      "queue": options.queue, "priority": data.get("priority", options.priority),
                      # Messages always use the chat template; --chat wraps prompts.
@@ -160,7 +160,7 @@ def _parse_line(line: str, options: JobOptions, allowed: frozenset[str]) -> Docu
     return Document(str(doc_id), job.model_copy(update={"idempotency_key": f"doc:{digest}"}))
 
 
-def _structure_of(response_format: Any) -> dict[str, Any] | None:
+def structure_of(response_format: Any) -> dict[str, Any] | None:
     """OpenAI's `response_format` as `structured_outputs`: {"type": "json_schema",
     "json_schema": {"name": ..., "schema": {...}}} constrains to the schema,
     {"type": "json_object"} to any JSON object, {"type": "text"} not at all."""

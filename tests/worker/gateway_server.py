@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
-
-import urllib.request
 
 import uvicorn
 

@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
 from fastapi import Request
+from sqlalchemy import func, select
 from starlette.concurrency import run_in_threadpool
 
 from worker.client import Client
 from worker.gateway.errors import APIError
 from worker.keys import KeyInfo, KeyStore
+from worker.models import Job, JobStatus
 from worker.settings import Settings
 
 # A revoked key stops working within this many seconds on every replica.
 KEY_CACHE_S = 5.0
+# PAGEDQ_MAX_QUEUED_JOBS is checked against a count at most this old: one query a
+# second per replica, however many requests arrive.
+QUEUED_CACHE_S = 1.0
 
 
 @dataclass
@@ -25,6 +31,7 @@ class Gateway:
     keys: KeyStore
     redis: aioredis.Redis  # reads the workers' per-job streams
     _known: dict[str, tuple[float, KeyInfo | None]] = field(default_factory=dict)
+    _queued: tuple[float, int] = (-math.inf, 0)  # (when counted, queued jobs)
 
     @classmethod
     def open(cls, settings: Settings) -> Gateway:
@@ -50,6 +57,20 @@ class Gateway:
             self._known.clear()
         self._known[key] = (now, info)
         return info
+
+
+    async def queued_jobs(self) -> int:
+        """Jobs waiting in the queues, counted at most QUEUED_CACHE_S ago."""
+        counted_at, count = self._queued
+        if time.monotonic() - counted_at >= QUEUED_CACHE_S:
+            count = await run_in_threadpool(self._count_queued)
+            self._queued = (time.monotonic(), count)
+        return count
+
+    def _count_queued(self) -> int:
+        with self.client.store.engine.connect() as db:
+            query = select(func.count()).select_from(Job).where(Job.status == JobStatus.QUEUED)
+            return db.execute(query).scalar_one()
 
 
 def gateway(request: Request) -> Gateway:
