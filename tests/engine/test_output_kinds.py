@@ -61,9 +61,23 @@ def _final(outs: list[RequestOutput]) -> RequestOutput:
     return outs[-1]
 
 
-def _fields(out: RequestOutput) -> list[tuple]:
-    return [(c.index, c.text, c.token_ids, c.cumulative_logprob, c.logprobs, c.finish_reason,
-             c.stop_reason) for c in out.outputs]
+def _near(logprobs: list[dict] | None, approx: bool) -> list[dict] | None:
+    """Logprobs as comparable tuples; `approx`: to 1e-4, since requests in other rows of
+    one batch may differ in the last float bits (seen on AMD EPYC), tokens and ranks not."""
+    if logprobs is None:
+        return None
+    return [{token: (pytest.approx(lp.logprob, abs=1e-4) if approx else lp.logprob, lp.rank,
+                     lp.decoded_token)
+             for token, lp in position.items()} for position in logprobs]
+
+
+def _fields(out: RequestOutput, approx: bool = False) -> list[tuple]:
+    """A request's final report; compare `_fields(a) == _fields(b, approx=True)`."""
+    cumulative = [c.cumulative_logprob for c in out.outputs]
+    if approx:
+        cumulative = [None if v is None else pytest.approx(v, abs=1e-4) for v in cumulative]
+    return [(c.index, c.text, c.token_ids, cum, _near(c.logprobs, approx), c.finish_reason,
+             c.stop_reason) for c, cum in zip(out.outputs, cumulative, strict=True)]
 
 
 def _prompts(llm: LLM) -> list[str]:
@@ -83,7 +97,7 @@ def test_final_only_reports_once_what_cumulative_reports_last(llm):
     for cum, fin in zip(cumulative, final_only, strict=True):
         assert len(fin) == 1, "FINAL_ONLY reported before the request finished"
         assert len(cum) == len(_final(cum).outputs[0].token_ids)  # one report a token
-        assert _fields(_final(fin)) == _fields(_final(cum))
+        assert _fields(_final(fin)) == _fields(_final(cum), approx=True)
         assert fin[0].prompt_token_ids == cum[0].prompt_token_ids
         assert fin[0].outputs[0].finish_reason in ("stop", "length")
 
@@ -115,10 +129,11 @@ def _check_delta(cum: list[RequestOutput], delta: list[RequestOutput]) -> None:
     assert len(final.outputs) == len(_final(delta).outputs)
     for c in final.outputs:
         text, tokens, logprobs = _concat(delta, c.index)
-        assert (text, tokens, logprobs) == (c.text, c.token_ids, c.logprobs)
+        assert (text, tokens, _near(logprobs, False)) == (c.text, c.token_ids,
+                                                          _near(c.logprobs, True))
         [last] = [d for d in _final(delta).outputs if d.index == c.index]
         assert last.finish_reason == c.finish_reason
-        assert last.cumulative_logprob == pytest.approx(c.cumulative_logprob)
+        assert last.cumulative_logprob == pytest.approx(c.cumulative_logprob, abs=1e-4)
     for out in delta[:-1]:  # while it runs, a step brings each sequence one token
         assert all(len(c.token_ids) == 1 and c.finish_reason is None
                    or c.finish_reason is not None and not c.token_ids
@@ -228,7 +243,7 @@ def test_text_decoded_at_the_end_equals_the_incremental_text(llm):
     runs = _run(llm, requests)
     texts = []
     for cum, fin in zip(runs[:len(prompts)], runs[len(prompts):], strict=True):
-        assert _fields(_final(fin)) == _fields(_final(cum))
+        assert _fields(_final(fin)) == _fields(_final(cum), approx=True)
         texts.append(_final(cum).outputs[0].text)
     # The cases that make decoding at once differ from decoding as tokens come.
     assert any(t.startswith(" ") for t in texts)
@@ -247,9 +262,9 @@ def test_text_cut_inside_a_character_is_the_same_decoded_at_the_end(llm):
     assert cuts, "no token of the output ends inside a character"
     params = [_greedy(kind, max_tokens=cuts[0]) for kind in (CUMULATIVE, FINAL_ONLY)]
     cum, fin = _run(llm, [(prompt, p) for p in params])
-    assert _fields(_final(fin)) == _fields(_final(cum))
+    assert _fields(_final(fin)) == _fields(_final(cum), approx=True)
     [generated] = llm.generate([prompt], params[0], use_tqdm=False)
-    assert _fields(generated) == _fields(_final(cum))
+    assert _fields(generated) == _fields(_final(cum), approx=True)
 
 
 # ---- LLM.generate -----------------------------------------------------------------
@@ -267,7 +282,7 @@ def test_generate_returns_what_cumulative_steps_return(llm):
     for gen, ref in zip(generated, stepped, strict=True):
         assert gen.finished
         assert (gen.prompt, gen.prompt_token_ids) == (ref.prompt, ref.prompt_token_ids)
-        assert _fields(gen) == _fields(ref)
+        assert _fields(gen) == _fields(ref, approx=True)
     assert params[1].output_kind is CUMULATIVE  # the caller's params are left alone
 
 

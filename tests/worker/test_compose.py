@@ -26,13 +26,15 @@ def compose():
 
 def test_services_and_dependencies(compose):
     services = compose["services"]
-    assert set(services) == {"redis", "postgres", "migrate", "worker", "flower"}
+    assert set(services) == {"redis", "postgres", "migrate", "worker", "gateway", "flower"}
     assert services["migrate"]["command"] == ["pagedq", "migrate"]
     assert services["migrate"]["depends_on"]["postgres"]["condition"] == "service_healthy"
-    worker = services["worker"]
-    assert worker["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
-    assert worker["depends_on"]["redis"]["condition"] == "service_healthy"
-    for name in ("redis", "postgres", "worker", "flower"):
+    for name in ("worker", "gateway"):
+        after = services[name]["depends_on"]
+        assert after["migrate"]["condition"] == "service_completed_successfully"
+        assert after["redis"]["condition"] == "service_healthy"
+    assert services["gateway"]["command"][:2] == ["pagedq", "serve"]
+    for name in ("redis", "postgres", "worker", "gateway", "flower"):
         assert services[name]["healthcheck"]["test"], name
 
 
@@ -41,19 +43,24 @@ def test_worker_reserves_a_gpu(compose):
     assert devices[0]["capabilities"] == ["gpu"]
 
 
-def test_worker_and_flower_share_the_settings(compose):
+def test_worker_gateway_and_flower_share_the_settings(compose):
     worker = compose["services"]["worker"]["environment"]
-    flower = compose["services"]["flower"]["environment"]
-    for name in ("PAGEDQ_BROKER_URL", "PAGEDQ_DATABASE_URL", "PAGEDQ_MODEL"):
-        assert worker[name] == flower[name]
+    for other in ("gateway", "flower"):
+        environment = compose["services"][other]["environment"]
+        for name in ("PAGEDQ_BROKER_URL", "PAGEDQ_DATABASE_URL", "PAGEDQ_MODEL"):
+            assert worker[name] == environment[name], (other, name)
     assert worker["PAGEDQ_DATABASE_URL"].startswith("postgresql+psycopg://")
+    assert worker["PAGEDQ_METRICS_PORT"] == "9400"
 
 
-def test_only_flower_publishes_a_port_on_loopback_with_a_password(compose):
+def test_only_flower_and_the_gateway_publish_ports_on_loopback(compose):
     services = compose["services"]
-    assert [name for name, service in services.items() if "ports" in service] == ["flower"]
+    published = [name for name, service in services.items() if "ports" in service]
+    assert sorted(published) == ["flower", "gateway"]
+    for name in published:
+        ports = services[name]["ports"]
+        assert ports and all(port.startswith("127.0.0.1:") for port in ports), name
     flower = services["flower"]
-    assert flower["ports"] and all(port.startswith("127.0.0.1:") for port in flower["ports"])
     assert required("FLOWER_PASSWORD").fullmatch(flower["environment"]["PAGEDQ_FLOWER_PASSWORD"])
 
 
