@@ -270,7 +270,8 @@ class _Follow:
     """A reader's state between reads, shared by the sync and the async loops:
     where it is in the stream, and when SQL is asked next."""
 
-    def __init__(self, job_id: str, poll_s: float, timeout: float | None) -> None:
+    def __init__(self, job_id: str, poll_s: float, timeout: float | None,
+                 fresh: bool = False) -> None:
         self.job_id = job_id
         self.key = stream_key(job_id)
         self.poll_s = poll_s
@@ -278,7 +279,9 @@ class _Follow:
         self.timeout = timeout
         self.reconciler = _Reconciler(job_id)
         self.last_id: str | bytes = "0-0"
-        self.next_fetch = 0.0  # the first look is at the row: it may be done already
+        # The first look is at the row, which may be done already, unless the caller
+        # has just submitted the job (`fresh`).
+        self.next_fetch = time.monotonic() + poll_s if fresh else 0.0
         self.warned = False
 
     def fetch_due(self) -> bool:
@@ -347,14 +350,15 @@ def read_stream(client: redis.Redis, job_id: str, fetch: Callable[[], JobRecord 
 
 
 async def follow(client: redis.asyncio.Redis, job_id: str,
-                 fetch: Callable[[], Awaitable[JobRecord | None]], *, poll_s: float = 1.0
-                 ) -> AsyncIterator[StreamDelta | JobRecord]:
+                 fetch: Callable[[], Awaitable[JobRecord | None]], *, poll_s: float = 1.0,
+                 fresh: bool = False) -> AsyncIterator[StreamDelta | JobRecord]:
     """The job's deltas (stream jobs only), then a delta with whatever stored output
     they had not delivered, then its finished record. Waits on the job's stream and
     asks `fetch` (SQL) every `poll_s` seconds and at the end entry: Redis is a hint,
     SQL decides. KeyError if `fetch` returns None; StreamDiverged if a retried
-    attempt generated other text than was sent."""
-    state = _Follow(job_id, poll_s, None)
+    attempt generated other text than was sent. `fresh`: the job was just submitted,
+    so SQL is first asked after `poll_s` (or at the end entry)."""
+    state = _Follow(job_id, poll_s, None, fresh)
     while True:
         if state.fetch_due() and state.finished(record := await fetch()):
             assert record is not None

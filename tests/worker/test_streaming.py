@@ -191,7 +191,7 @@ def test_a_stalled_writer_keeps_a_bounded_queue():
 
 
 def submit(client, params, stream=True, prompt=PROMPT):
-    return client.submit_many([{"prompt": prompt, "params": params, "stream": stream}])[0]
+    return client.submit(prompt, params, stream=stream)
 
 
 def by_index(deltas):

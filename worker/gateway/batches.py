@@ -1,5 +1,5 @@
 """OpenAI's Batch API: a batch is one bulk job per line of an uploaded JSONL file, moved
-on by whichever replica answers the client polling it (worker/batches.py)."""
+on by whichever replica answers the client polling it (batch_store.py)."""
 
 from __future__ import annotations
 
@@ -7,12 +7,11 @@ from typing import Any
 
 from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
-from starlette.concurrency import run_in_threadpool
 
-from worker.gateway.errors import APIError, not_found
-from worker.gateway.files import Keyed, Stored
+from worker.gateway.errors import APIError
+from worker.gateway.files import Stored
 from worker.gateway.protocol import Endpoint
-from worker.gateway.state import gateway
+from worker.gateway.state import Keyed, gateway, owned
 
 router = APIRouter()
 
@@ -53,36 +52,25 @@ async def create_batch(body: BatchCreate, request: Request, key: Keyed,
                        store: Stored) -> dict[str, Any]:
     endpoint = _check(body)
     window_s = gateway(request).settings.batch_window_s
-    batch = await run_in_threadpool(store.create_batch, key.id, body.input_file_id, endpoint,
-                                    body.completion_window, body.metadata, window_s)
-    if batch is None:
-        raise not_found("file", body.input_file_id)
-    return batch
+    return await owned("file", body.input_file_id, store.create_batch, key.id,
+                       body.input_file_id, endpoint, body.completion_window, body.metadata,
+                       window_s)
 
 
 @router.get("/v1/batches")
 async def list_batches(key: Keyed, store: Stored,
                        limit: int = Query(20, ge=1, le=100),
                        after: str | None = None) -> dict[str, Any]:
-    page = await run_in_threadpool(store.list_batches, key.id, limit, after)
-    if page is None:
-        raise not_found("batch", after or "")
-    return page
+    return await owned("batch", after or "", store.list_batches, key.id, limit, after)
 
 
 @router.get("/v1/batches/{batch_id}")
 async def retrieve_batch(batch_id: str, key: Keyed,
                          store: Stored) -> dict[str, Any]:
-    batch = await run_in_threadpool(store.get_batch, key.id, batch_id)
-    if batch is None:
-        raise not_found("batch", batch_id)
-    return batch
+    return await owned("batch", batch_id, store.get_batch, key.id, batch_id)
 
 
 @router.post("/v1/batches/{batch_id}/cancel")
 async def cancel_batch(batch_id: str, key: Keyed,
                        store: Stored) -> dict[str, Any]:
-    batch = await run_in_threadpool(store.cancel_batch, key.id, batch_id)
-    if batch is None:
-        raise not_found("batch", batch_id)
-    return batch
+    return await owned("batch", batch_id, store.cancel_batch, key.id, batch_id)

@@ -11,10 +11,10 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from functools import partial
-from typing import Annotated, Any
+from typing import Any
 
 import anyio
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from redis.exceptions import RedisError
 from sqlalchemy.exc import InterfaceError, OperationalError
@@ -24,7 +24,7 @@ from worker.client import BrokerUnavailable
 from worker.gateway import protocol
 from worker.gateway.errors import APIError, not_found
 from worker.gateway.protocol import Endpoint
-from worker.gateway.state import Gateway, api_key, gateway
+from worker.gateway.state import Gateway, Keyed, gateway
 from worker.keys import KeyInfo
 from worker.models import JobStatus
 from worker.records import JobRecord
@@ -34,11 +34,13 @@ from worker.streams import StreamDelta, StreamDiverged, follow
 
 log = logging.getLogger(__name__)
 router = APIRouter()
-Keyed = Annotated[KeyInfo, Depends(api_key)]  # the caller's key (checked once per request)
 # What OpenAI's /v1/models reports as a model's creation: here, the gateway's start.
 _STARTED = int(time.time())
 # Failures of the database or Redis: the gateway cannot take or follow jobs now.
 UNAVAILABLE = (BrokerUnavailable, OperationalError, InterfaceError, RedisError, OSError)
+# A follower asks SQL this often besides the end entry that wakes it (a job cancelled
+# while queued has none): 256 streams must not keep the database pool busy.
+POLL_S = 5.0
 
 
 def _model(gw: Gateway) -> dict[str, Any]:
@@ -119,8 +121,8 @@ async def _follow(gw: Gateway, job_id: str) -> AsyncIterator[StreamDelta | JobRe
     (a client gone, an error) cancels the job, as nobody will read its answer."""
     finished = False
     try:
-        async for item in follow(gw.redis, job_id, partial(run_in_threadpool,
-                                                           gw.client.get, job_id)):
+        fetch = partial(run_in_threadpool, gw.client.get, job_id)
+        async for item in follow(gw.redis, job_id, fetch, poll_s=POLL_S, fresh=True):
             finished = isinstance(item, JobRecord)
             yield item
     finally:

@@ -9,10 +9,9 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.types import Message
 
-from worker.batches import BatchStore
+from worker.gateway.batch_store import BatchStore
 from worker.gateway.errors import APIError, not_found
-from worker.gateway.state import api_key, gateway
-from worker.keys import KeyInfo
+from worker.gateway.state import Keyed, gateway, owned
 
 router = APIRouter()
 
@@ -28,7 +27,6 @@ def batch_store(request: Request) -> BatchStore:
     return BatchStore(gw.client, gw.model_name)
 
 
-Keyed = Annotated[KeyInfo, Depends(api_key)]  # the caller's key (checked once per request)
 Stored = Annotated[BatchStore, Depends(batch_store)]
 
 
@@ -86,27 +84,19 @@ async def list_files(key: Keyed, store: Stored,
                      purpose: str | None = None,
                      limit: int = Query(MAX_LIST, ge=1, le=MAX_LIST),
                      after: str | None = None) -> dict[str, Any]:
-    page = await run_in_threadpool(store.list_files, key.id, purpose, limit, after)
-    if page is None:
-        raise not_found("file", after or "")
-    return page
+    return await owned("file", after or "", store.list_files, key.id, purpose, limit, after)
 
 
 @router.get("/v1/files/{file_id}")
 async def retrieve_file(file_id: str, key: Keyed,
                         store: Stored) -> dict[str, Any]:
-    found = await run_in_threadpool(store.get_file, key.id, file_id)
-    if found is None:
-        raise not_found("file", file_id)
-    return found
+    return await owned("file", file_id, store.get_file, key.id, file_id)
 
 
 @router.get("/v1/files/{file_id}/content")
 async def file_content(file_id: str, key: Keyed,
                        store: Stored) -> Response:
-    content = await run_in_threadpool(store.file_content, key.id, file_id)
-    if content is None:
-        raise not_found("file", file_id)
+    content = await owned("file", file_id, store.file_content, key.id, file_id)
     return Response(content, media_type="application/octet-stream")
 
 

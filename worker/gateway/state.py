@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Annotated, Any, TypeVar
 
 import redis.asyncio as aioredis
-from fastapi import Request
+from fastapi import Depends, Request
 from sqlalchemy import func, select
 from starlette.concurrency import run_in_threadpool
 
 from worker.client import Client
-from worker.gateway.errors import APIError
+from worker.gateway.errors import APIError, not_found
 from worker.keys import KeyInfo, KeyStore
 from worker.models import Job, JobStatus
 from worker.settings import Settings
@@ -89,3 +91,16 @@ async def api_key(request: Request) -> KeyInfo:
     if info is None:
         raise APIError(401, "Incorrect or revoked API key.", code="invalid_api_key")
     return info
+
+
+Keyed = Annotated[KeyInfo, Depends(api_key)]  # the caller's key (checked once per request)
+T = TypeVar("T")
+
+
+async def owned(what: str, ident: str, lookup: Callable[..., T | None], *args: Any) -> T:
+    """`lookup(*args)` (SQL) in a worker thread; None, which is also what another key's
+    object gives, is a 404 naming `what`."""
+    found = await run_in_threadpool(lookup, *args)
+    if found is None:
+        raise not_found(what, ident)
+    return found

@@ -26,9 +26,9 @@ from kombu.exceptions import OperationalError as BrokerError
 from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.orm import Session, defer, selectinload
 
-from worker.batch_lines import bad_line, error_line, jsonl, output_line, parse_input
 from worker.client import BrokerUnavailable, Client, broadcast_cancel, publish
 from worker.db import make_sessionmaker
+from worker.gateway.batch_lines import bad_line, error_line, jsonl, output_line, parse_input
 from worker.gateway.errors import APIError
 from worker.gateway.protocol import Endpoint
 from worker.models import Batch, BatchStatus, Job, JobStatus, StoredFile, utcnow
