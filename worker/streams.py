@@ -17,10 +17,9 @@ import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import redis
-import redis.asyncio
 
 from worker.models import JobStatus
 from worker.records import JobRecord, logprobs_from_json, logprobs_to_json
@@ -169,6 +168,12 @@ class StreamWriter:
 
 
 # -- reader side ------------------------------------------------------------
+
+
+class AsyncStreamReader(Protocol):
+    """What `follow` reads with: redis.asyncio.Redis, or a hub sharing one connection."""
+
+    async def xread(self, streams: dict[str, Any], block: int | None = None) -> Any: ...
 
 
 @dataclass(slots=True)
@@ -349,7 +354,7 @@ def read_stream(client: redis.Redis, job_id: str, fetch: Callable[[], JobRecord 
         yield from follow.read(reply)
 
 
-async def follow(client: redis.asyncio.Redis, job_id: str,
+async def follow(client: AsyncStreamReader, job_id: str,
                  fetch: Callable[[], Awaitable[JobRecord | None]], *, poll_s: float = 1.0,
                  fresh: bool = False) -> AsyncIterator[StreamDelta | JobRecord]:
     """The job's deltas (stream jobs only), then a delta with whatever stored output

@@ -122,7 +122,7 @@ async def _follow(gw: Gateway, job_id: str) -> AsyncIterator[StreamDelta | JobRe
     finished = False
     try:
         fetch = partial(run_in_threadpool, gw.client.get, job_id)
-        async for item in follow(gw.redis, job_id, fetch, poll_s=POLL_S, fresh=True):
+        async for item in follow(gw.streams, job_id, fetch, poll_s=POLL_S, fresh=True):
             finished = isinstance(item, JobRecord)
             yield item
     finally:

@@ -15,6 +15,7 @@ from starlette.concurrency import run_in_threadpool
 
 from worker.client import Client
 from worker.gateway.errors import APIError, not_found
+from worker.gateway.stream_hub import StreamHub
 from worker.keys import KeyInfo, KeyStore
 from worker.models import Job, JobStatus
 from worker.settings import Settings
@@ -31,14 +32,16 @@ class Gateway:
     settings: Settings
     client: Client  # stores and publishes jobs, as any producer does
     keys: KeyStore
-    redis: aioredis.Redis  # reads the workers' per-job streams
+    redis: aioredis.Redis  # the broker: queue depths, and the workers' per-job streams
+    streams: StreamHub  # every follower's stream reads over one connection
     _known: dict[str, tuple[float, KeyInfo | None]] = field(default_factory=dict)
     _queued: tuple[float, int] = (-math.inf, 0)  # (when counted, queued jobs)
 
     @classmethod
     def open(cls, settings: Settings) -> Gateway:
-        return cls(settings, Client(settings), KeyStore(settings.database_url),
-                   aioredis.Redis.from_url(settings.broker_url))
+        broker = aioredis.Redis.from_url(settings.broker_url)
+        return cls(settings, Client(settings), KeyStore(settings.database_url), broker,
+                   StreamHub(broker))
 
     async def close(self) -> None:
         await self.redis.aclose()
