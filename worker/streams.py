@@ -35,6 +35,10 @@ MAX_PENDING = 10_000
 IO_TIMEOUT_S = 5.0
 WARN_EVERY_S = 30.0
 CLOSE_TIMEOUT_S = 10.0
+# A reader asks SQL this often besides the end entry that wakes it (a job cancelled
+# while queued gets none, nor does one whose worker died): hundreds of readers must
+# not keep the database busy.
+POLL_S = 5.0
 
 
 def stream_key(job_id: str) -> str:
@@ -331,7 +335,7 @@ class _Follow:
 
 
 def read_stream(client: redis.Redis, job_id: str, fetch: Callable[[], JobRecord | None], *,
-                poll_s: float = 1.0, timeout: float | None = None
+                poll_s: float = POLL_S, timeout: float | None = None
                 ) -> Iterator[StreamDelta | JobRecord]:
     """The sync twin of `follow`; TimeoutError once `timeout` seconds have passed."""
     follow = _Follow(job_id, poll_s, timeout)
@@ -355,7 +359,7 @@ def read_stream(client: redis.Redis, job_id: str, fetch: Callable[[], JobRecord 
 
 
 async def follow(client: AsyncStreamReader, job_id: str,
-                 fetch: Callable[[], Awaitable[JobRecord | None]], *, poll_s: float = 1.0,
+                 fetch: Callable[[], Awaitable[JobRecord | None]], *, poll_s: float = POLL_S,
                  fresh: bool = False) -> AsyncIterator[StreamDelta | JobRecord]:
     """The job's deltas (stream jobs only), then a delta with whatever stored output
     they had not delivered, then its finished record. Waits on the job's stream and

@@ -38,9 +38,6 @@ router = APIRouter()
 _STARTED = int(time.time())
 # Failures of the database or Redis: the gateway cannot take or follow jobs now.
 UNAVAILABLE = (BrokerUnavailable, OperationalError, InterfaceError, RedisError, OSError)
-# A follower asks SQL this often besides the end entry that wakes it (a job cancelled
-# while queued has none): 256 streams must not keep the database pool busy.
-POLL_S = 5.0
 
 
 def _model(gw: Gateway) -> dict[str, Any]:
@@ -122,7 +119,7 @@ async def _follow(gw: Gateway, job_id: str) -> AsyncIterator[StreamDelta | JobRe
     finished = False
     try:
         fetch = partial(run_in_threadpool, gw.client.get, job_id)
-        async for item in follow(gw.streams, job_id, fetch, poll_s=POLL_S, fresh=True):
+        async for item in follow(gw.streams, job_id, fetch, fresh=True):
             finished = isinstance(item, JobRecord)
             yield item
     finally:
