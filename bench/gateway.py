@@ -251,8 +251,9 @@ def main() -> None:
 
     via_gateway = max(gateway_rounds, key=lambda r: r.tokens_per_s)
     via_client = max(client_rounds, key=lambda r: r.tokens_per_s)
+    served = model if args.gateway_url else f"{args.model} (served as {model})"
     print(f"{args.requests} concurrent streaming chats x {args.max_tokens} tokens, model "
-          f"{model}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+          f"{served}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
           f"best of {args.rounds} alternating rounds")
     print("| path | TTFT p50 s | TTFT p99 s | output tokens/s | tokens | wall s |")
     print("|---|---:|---:|---:|---:|---:|")

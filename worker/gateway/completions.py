@@ -99,13 +99,14 @@ async def _submit(gw: Gateway, endpoint: Endpoint, job: JobRequest, key: KeyInfo
         if limit is not None and await gw.queued_jobs() >= limit:
             raise APIError(429, f"Too many queued jobs (PAGEDQ_MAX_QUEUED_JOBS={limit}); "
                                 "retry later.", code="queue_full")
-        ids = await run_in_threadpool(gw.client.submit_many, [job],
-                                      JobOwner(api_key_id=key.id))
+        # The size caps (CPU only) here, so that a batch of submissions cannot fail
+        # for one request's input.
+        checked = gw.client.parse(job)
+        return await gw.intake.submit(checked, JobOwner(api_key_id=key.id))
     except InvalidJob as exc:
         raise protocol.invalid_job(endpoint, str(exc)) from None
     except UNAVAILABLE as exc:
         raise _unavailable(exc) from None
-    return ids[0]
 
 
 def _unavailable(exc: BaseException) -> APIError:

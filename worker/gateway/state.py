@@ -15,6 +15,7 @@ from starlette.concurrency import run_in_threadpool
 
 from worker.client import Client
 from worker.gateway.errors import APIError, not_found
+from worker.gateway.intake import Intake
 from worker.gateway.stream_hub import StreamHub
 from worker.keys import KeyInfo, KeyStore
 from worker.models import Job, JobStatus
@@ -34,14 +35,15 @@ class Gateway:
     keys: KeyStore
     redis: aioredis.Redis  # the broker: queue depths, and the workers' per-job streams
     streams: StreamHub  # every follower's stream reads over one connection
+    intake: Intake  # submissions arriving together, stored and published together
     _known: dict[str, tuple[float, KeyInfo | None]] = field(default_factory=dict)
     _queued: tuple[float, int] = (-math.inf, 0)  # (when counted, queued jobs)
 
     @classmethod
     def open(cls, settings: Settings) -> Gateway:
-        broker = aioredis.Redis.from_url(settings.broker_url)
-        return cls(settings, Client(settings), KeyStore(settings.database_url), broker,
-                   StreamHub(broker))
+        broker, client = aioredis.Redis.from_url(settings.broker_url), Client(settings)
+        return cls(settings, client, KeyStore(settings.database_url), broker,
+                   StreamHub(broker), Intake(client))
 
     async def close(self) -> None:
         await self.redis.aclose()
