@@ -55,9 +55,17 @@ class AttentionBackend(ABC):
     @abstractmethod
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
-               scale: float) -> torch.Tensor:
+               scale: float, window: int | None = None,
+               softcap: float | None = None) -> torch.Tensor:
         """One layer's attention output [num_tokens, num_heads, head_dim], read from the
-        cache after `store_kv`, by the plan of the last `prepare`; changes no cache."""
+        cache after `store_kv`, by the plan of the last `prepare`; changes no cache.
+
+        `window` w (the layer's sliding window; None for a global layer): the token at
+        position p sees keys p-w+1 .. p, itself and the w-1 before it, as Transformers'
+        sliding-window mask does (kv_idx > q_idx - w); blocks wholly left of every new
+        token's window are never read, so the engine may free them. `softcap` c:
+        scaled scores s become c * tanh(s / c) before the mask and softmax (Gemma 2).
+        Both are fixed per layer, which keeps a captured CUDA graph valid."""
 
     @abstractmethod
     def copy_blocks(self, kv_cache: torch.Tensor, pairs: torch.Tensor) -> None:

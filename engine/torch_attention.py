@@ -6,6 +6,10 @@ longest of a mixed batch would multiply the bytes gathered). Prefill chunks run
 one sequence at a time; a whole prompt attends to the K/V it has just computed.
 Every SDPA call is 4-D: on the CPU, 3-D inputs fall back to the unfused math
 kernel, several times slower than the flash kernel.
+
+Under a sliding window w a token at position p sees keys p-w+1 .. p: decodes and
+chunks gather only the keys their windows show (blocks left of them may have been
+freed). SDPA has no soft-cap: soft-capped layers run eager attention instead.
 """
 
 from dataclasses import dataclass
@@ -33,14 +37,16 @@ class DecodeGroup:
     num_seqs: int
 
 
-def plan_decode_groups(meta: AttentionMetadata, block_size: int) -> list[DecodeGroup]:
-    """Split the decodes, longest context first, into groups wasting little padding."""
-    lens = meta.seq_lens_cpu[:meta.num_decodes]
+def plan_decode_groups(meta: AttentionMetadata, block_size: int,
+                       window: int | None = None) -> list[DecodeGroup]:
+    """Split the decodes, most visible keys first, into groups wasting little padding;
+    under a `window`, each gathers only the last `window` keys of its context."""
+    lens = _visible(meta.seq_lens_cpu[:meta.num_decodes], window)
     if not lens:
         return []
     longest, total = max(lens), sum(lens)
     if longest * len(lens) <= min((1 + MAX_PADDING) * total, MAX_GROUP_SLOTS):
-        return [_decode_group(meta, None, block_size)]  # one group: no need to sort
+        return [_decode_group(meta, None, block_size, window)]  # one group: no need to sort
     order = sorted(range(len(lens)), key=lambda i: -lens[i])
     groups, start = [], 0
     while start < len(order):
@@ -54,22 +60,30 @@ def plan_decode_groups(meta: AttentionMetadata, block_size: int) -> list[DecodeG
         groups.append(order[start:end])
         start = end
     if len(groups) == 1:
-        return [_decode_group(meta, None, block_size)]
-    return [_decode_group(meta, rows, block_size) for rows in groups]
+        return [_decode_group(meta, None, block_size, window)]
+    return [_decode_group(meta, rows, block_size, window) for rows in groups]
 
 
-def _decode_group(meta: AttentionMetadata, rows: list[int] | None,
-                  block_size: int) -> DecodeGroup:
+def _visible(seq_lens: list[int], window: int | None) -> list[int]:
+    """How many keys each sequence's last token sees."""
+    return seq_lens if window is None else [min(n, window) for n in seq_lens]
+
+
+def _decode_group(meta: AttentionMetadata, rows: list[int] | None, block_size: int,
+                  window: int | None) -> DecodeGroup:
     d = meta.num_decodes
     if rows is None:
         index, pick, lens_cpu = None, slice(0, d), meta.seq_lens_cpu[:d]
     else:
         index = pick = torch.tensor(rows, device=meta.seq_lens.device)
         lens_cpu = [meta.seq_lens_cpu[i] for i in rows]
-    n, ctx = len(lens_cpu), max(lens_cpu)
-    positions = torch.arange(ctx, device=meta.seq_lens.device).expand(n, ctx)
-    last = meta.seq_lens[pick, None].long() - 1
-    mask = None if min(lens_cpu) == ctx else (positions <= last)[:, None, None, :]
+    visible = _visible(lens_cpu, window)
+    n, ctx = len(visible), max(visible)
+    seq_lens = meta.seq_lens[pick, None].long()
+    first = 0 if window is None else (seq_lens - window).clamp(min=0)
+    positions = first + torch.arange(ctx, device=meta.seq_lens.device).expand(n, ctx)
+    last = seq_lens - 1
+    mask = None if min(visible) == ctx else (positions <= last)[:, None, None, :]
     # Padding reads the sequence's own last slot rather than a never-written one,
     # which may hold anything (NaN included, and 0 * NaN is NaN even when masked).
     positions = torch.minimum(positions, last)
@@ -83,11 +97,24 @@ class TorchBackend(AttentionBackend):
 
     def __init__(self, block_size: int) -> None:
         super().__init__(block_size)
-        self.decode_groups: list[DecodeGroup] = []  # the plan of the last `prepare`
+        self._meta: AttentionMetadata | None = None  # the step of the last `prepare`
+        self._decode_plans: dict[int | None, list[DecodeGroup]] = {}
 
     def prepare(self, meta: AttentionMetadata) -> None:
-        # Every layer gathers the same slots: plan the decode groups once per step.
-        self.decode_groups = plan_decode_groups(meta, self.block_size)
+        # Layers of one window gather the same slots: each window's decode groups are
+        # planned once per step, by its first layer.
+        self._meta = meta
+        self._decode_plans = {}
+
+    def decode_groups(self, window: int | None = None) -> list[DecodeGroup]:
+        """The decode groups of the prepared step for layers of this window."""
+        meta = self._meta
+        if window is not None and window >= max(meta.seq_lens_cpu[:meta.num_decodes], default=0):
+            window = None  # it hides no key: share the global layers' plan
+        plan = self._decode_plans.get(window)
+        if plan is None:
+            plan = self._decode_plans[window] = plan_decode_groups(meta, self.block_size, window)
+        return plan
 
     def store_kv(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                  v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
@@ -96,23 +123,28 @@ class TorchBackend(AttentionBackend):
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
-               scale: float) -> torch.Tensor:
+               scale: float, window: int | None = None,
+               softcap: float | None = None) -> torch.Tensor:
         d = meta.num_decodes
         if d == len(meta.seq_lens_cpu):
-            return self._decode(q, k_cache, v_cache, scale)
+            return self._decode(q, k_cache, v_cache, scale, window, softcap)
         out = torch.empty_like(q)
         if d:
-            out[:d] = self._decode(q[:d], k_cache, v_cache, scale)
+            out[:d] = self._decode(q[:d], k_cache, v_cache, scale, window, softcap)
         start = d
         for i in range(d, len(meta.seq_lens_cpu)):
             q_len, ctx = meta.query_lens_cpu[i], meta.seq_lens_cpu[i]
             rows = slice(start, start + q_len)
             if q_len == ctx:  # a whole prompt: its K/V are this step's own
-                out[rows] = _attend(q[rows], k[rows], v[rows], scale)
+                out[rows] = _attend(q[rows], k[rows], v[rows], scale, window, softcap)
             else:
-                table = meta.block_tables[i, :-(-ctx // self.block_size)].long()
-                out[rows] = _attend(q[rows], _gather(k_cache, table, ctx),
-                                    _gather(v_cache, table, ctx), scale)
+                # From the block of the lowest key the chunk's first token sees.
+                lowest = 0 if window is None else max(0, ctx - q_len - window + 1)
+                first = lowest // self.block_size
+                table = meta.block_tables[i, first:-(-ctx // self.block_size)].long()
+                num_keys = ctx - first * self.block_size
+                out[rows] = _attend(q[rows], _gather(k_cache, table, num_keys),
+                                    _gather(v_cache, table, num_keys), scale, window, softcap)
             start += q_len
         return out
 
@@ -124,45 +156,69 @@ class TorchBackend(AttentionBackend):
         kernels.swap_blocks(src_cache, dst_cache, pairs)  # plain torch, no Triton
 
     def _decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                scale: float) -> torch.Tensor:
-        groups = self.decode_groups
+                scale: float, window: int | None, softcap: float | None) -> torch.Tensor:
+        groups = self.decode_groups(window)
         if groups[0].rows is None:  # one group, in batch order
-            return _attend_decodes(q, k_cache, v_cache, groups[0], scale)
+            return _attend_decodes(q, k_cache, v_cache, groups[0], scale, softcap)
         out = torch.empty_like(q)
         for group in groups:
             out.index_copy_(0, group.rows, _attend_decodes(
-                q.index_select(0, group.rows), k_cache, v_cache, group, scale))
+                q.index_select(0, group.rows), k_cache, v_cache, group, scale, softcap))
         return out
 
 
 def _attend_decodes(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    group: DecodeGroup, scale: float) -> torch.Tensor:
+                    group: DecodeGroup, scale: float, softcap: float | None) -> torch.Tensor:
     """One decode group's queries [n, h, hd] over the slots it gathers."""
     n, (kvh, hd) = group.num_seqs, k_cache.shape[2:]
     k = k_cache.flatten(0, 1).index_select(0, group.slots).view(n, -1, kvh, hd)
     v = v_cache.flatten(0, 1).index_select(0, group.slots).view(n, -1, kvh, hd)
     # One query token per sequence: the heads sharing a KV head become its rows.
-    out = F.scaled_dot_product_attention(q.view(n, kvh, -1, hd), k.transpose(1, 2),
-                                         v.transpose(1, 2), attn_mask=group.mask, scale=scale)
+    out = _sdpa(q.view(n, kvh, -1, hd), k.transpose(1, 2), v.transpose(1, 2), group.mask,
+                scale, softcap)
     return out.reshape(q.shape)
 
 
-def _gather(cache: torch.Tensor, block_table: torch.Tensor, ctx: int) -> torch.Tensor:
-    """A sequence's block ids -> its [ctx, num_kv_heads, head_dim] K or V."""
-    return cache.index_select(0, block_table).flatten(0, 1)[:ctx]
+def _gather(cache: torch.Tensor, block_table: torch.Tensor, num_keys: int) -> torch.Tensor:
+    """The first `num_keys` tokens of these blocks, [num_keys, num_kv_heads, head_dim]."""
+    return cache.index_select(0, block_table).flatten(0, 1)[:num_keys]
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """One sequence's new tokens [q_len, h, hd], which end its context k/v [ctx, kvh, hd]."""
-    q_len, ctx = q.shape[0], k.shape[0]
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+            window: int | None, softcap: float | None) -> torch.Tensor:
+    """One sequence's new tokens [q_len, h, hd], which end the keys k/v [n, kvh, hd]."""
+    q_len, num_keys = q.shape[0], k.shape[0]
     q4, k4, v4 = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))
-    if q_len == ctx:
+    if q_len == num_keys and window is None and softcap is None:
         out = F.scaled_dot_product_attention(q4, k4, v4, is_causal=True, scale=scale,
                                              enable_gqa=True)
     else:
-        # Token i sees keys 0..ctx-q_len+i.
-        rows = torch.arange(q_len, device=q.device)[:, None] + (ctx - q_len)
-        mask = torch.arange(ctx, device=q.device)[None, :] <= rows
-        out = F.scaled_dot_product_attention(q4, k4, v4, attn_mask=mask, scale=scale,
-                                             enable_gqa=True)
+        # Token i sits at key index num_keys-q_len+i: it sees the keys up to there,
+        # and under a window only the last `window` of them.
+        rows = torch.arange(q_len, device=q.device)[:, None] + (num_keys - q_len)
+        keys = torch.arange(num_keys, device=q.device)[None, :]
+        mask = keys <= rows
+        if window is not None:
+            mask &= keys > rows - window
+        out = _sdpa(q4, k4, v4, mask[None, None], scale, softcap)
     return out[0].transpose(0, 1)
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+          scale: float, softcap: float | None) -> torch.Tensor:
+    """SDPA of q [b, h, q_len, hd] over k/v [b, kvh, n, hd] under a 4-D bool mask; with
+    a soft-cap (which SDPA lacks), eager attention in Gemma 2's order: scale, cap, mask,
+    softmax in float32."""
+    if softcap is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
+                                              enable_gqa=True)
+    b, h, q_len, hd = q.shape
+    kvh, num_keys = k.shape[1], k.shape[2]
+    # The query heads sharing a KV head become rows of one matmul against it.
+    scores = q.reshape(b, kvh, -1, hd) @ k.transpose(2, 3) * scale
+    scores = softcap * torch.tanh(scores / softcap)
+    if mask is not None:
+        scores = scores.view(b, kvh, -1, q_len, num_keys).masked_fill(
+            ~mask.unsqueeze(2), float("-inf")).view(b, kvh, -1, num_keys)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    return (probs @ v).view(b, h, q_len, hd)

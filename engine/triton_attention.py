@@ -25,11 +25,15 @@ class TritonBackend(AttentionBackend):
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
-               scale: float) -> torch.Tensor:
+               scale: float, window: int | None = None,
+               softcap: float | None = None) -> torch.Tensor:
         # The step's k and v were stored first: the kernel reads them from the cache.
+        # window and softcap are the layer's constants: under a CUDA graph they are
+        # captured as the launch's scalar arguments and compiled variant, as scale is.
         return kernels.paged_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens,
                                        meta.query_start_loc, meta.max_query_len,
-                                       meta.max_seq_len, scale)
+                                       meta.max_seq_len, scale, window=window,
+                                       softcap=softcap)
 
     def copy_blocks(self, kv_cache: torch.Tensor, pairs: torch.Tensor) -> None:
         kernels.copy_blocks(kv_cache, pairs)

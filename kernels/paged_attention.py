@@ -11,6 +11,13 @@ Decode batches (every sequence fits one query block) can be short of programs to
 fill the GPU while each program walks a long context. Then every sequence's key
 range is cut into NUM_SPLITS parts that run in parallel and write partial results
 with their log-sum-exp; a second kernel merges them (flash-decoding).
+
+A sliding window w lets the token at position p see keys p-w+1 .. p (Transformers'
+`sliding_window_overlay`). A program then starts its walk at the KV block holding
+the lowest key its first token sees: blocks wholly left of the window are neither
+read nor looked up (the engine may have freed them), and the rest of the window is
+masked inside the tiles. A soft-cap c turns scaled scores s into c * tanh(s / c)
+before the mask (Gemma 2).
 """
 
 import functools
@@ -86,7 +93,9 @@ def _attention_kernel(
     query_start_loc_ptr,
     part_out_ptr,
     part_lse_ptr,
-    scale_log2,
+    qk_scale,
+    softcap_log2,
+    window,
     num_seqs,
     stride_q_tok,
     stride_q_head,
@@ -109,6 +118,8 @@ def _attention_kernel(
     TILE_N: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
     ONE_BLOCK_PER_SEQ: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+    SOFTCAP: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -142,10 +153,16 @@ def _attention_kernel(
         other=0.0,
     ).to(DOT_DTYPE)
 
-    # Keys this block can see end after its last token; this split takes an even
+    # Keys this block can see end after its last token and, under a window, start
+    # in the KV block of its first token's lowest key. This split takes an even
     # share of their tiles (a share may be empty: it then stores an empty result).
     num_keys = tl.minimum(seq_len, context_len + (q_block + 1) * BLOCK_Q)
-    num_tiles = tl.cdiv(num_keys, TILE_N)
+    if HAS_WINDOW:
+        lowest_key = tl.maximum(context_len + q_block * BLOCK_Q - window + 1, 0)
+        first_key = lowest_key // BLOCK_SIZE * BLOCK_SIZE
+    else:
+        first_key = 0
+    num_tiles = tl.cdiv(num_keys - first_key, TILE_N)
     tiles_per_split = tl.cdiv(num_tiles, NUM_SPLITS)
     tile_lo = split * tiles_per_split
     tile_hi = tl.minimum(tile_lo + tiles_per_split, num_tiles)
@@ -159,7 +176,7 @@ def _attention_kernel(
     v_head_ptr = v_cache_ptr + kv_head * stride_v_head
     cols = tl.arange(0, TILE_N)
     for tile in range(tile_lo, tile_hi):
-        key_pos = tile * TILE_N + cols
+        key_pos = first_key + tile * TILE_N + cols
         key_ok = key_pos < num_keys
         # Unused block-table entries may hold anything: never read them.
         block = tl.load(table_ptr + key_pos // BLOCK_SIZE, mask=key_ok, other=0).to(tl.int64)
@@ -177,8 +194,13 @@ def _attention_kernel(
             mask=key_ok[:, None] & dim_ok[None, :],
             other=0.0,
         )
-        s = tl.dot(q, k.to(DOT_DTYPE), input_precision=DOT_PRECISION) * scale_log2
+        s = tl.dot(q, k.to(DOT_DTYPE), input_precision=DOT_PRECISION) * qk_scale
+        if SOFTCAP:
+            # s is 2 * scores / c in base 2, so this is c * tanh(scores / c) in base 2.
+            s = softcap_log2 * (1.0 - 2.0 / (tl.exp2(s) + 1.0))
         visible = row_ok[:, None] & (key_pos[None, :] <= pos[:, None])
+        if HAS_WINDOW:
+            visible = visible & (key_pos[None, :] > pos[:, None] - window)
         s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp2(m_i - m_new)
@@ -250,12 +272,12 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _choose_splits(num_programs: int, max_seq_len: int, device: torch.device) -> int:
+def _choose_splits(num_programs: int, max_keys: int, device: torch.device) -> int:
     """Splits per sequence so that a decode grid fills the GPU (1: no split)."""
     wanted = _PROGRAMS_PER_SM * _num_sms(device)
     if num_programs >= wanted:
         return 1
-    by_length = max(1, max_seq_len // _MIN_KEYS_PER_SPLIT)
+    by_length = max(1, max_keys // _MIN_KEYS_PER_SPLIT)
     return max(1, min(math.ceil(wanted / num_programs), by_length, _MAX_SPLITS))
 
 
@@ -274,7 +296,7 @@ def _plan(
     num_kv_heads: int,
     group: int,
     max_query_len: int,
-    max_seq_len: int,
+    max_keys: int,
     num_splits: int | None,
     device: torch.device,
 ) -> _Plan:
@@ -284,12 +306,20 @@ def _plan(
     # sequence i and needs no search.
     if max_query_len <= block_m // group:
         if num_splits is None:
-            num_splits = _choose_splits(num_seqs * num_kv_heads, max_seq_len, device)
+            num_splits = _choose_splits(num_seqs * num_kv_heads, max_keys, device)
         return _Plan(_DECODE, block_m, num_seqs, num_splits, one_block_per_seq=True)
     block_m = max(_PREFILL.rows, block_m)
     # Each sequence may end in one partly filled block: at most num_seqs more.
     num_q_blocks = num_tokens // (block_m // group) + num_seqs
     return _Plan(_PREFILL, block_m, num_q_blocks, 1, one_block_per_seq=False)
+
+
+def _max_keys(max_seq_len: int, max_query_len: int, block_size: int, window: int | None) -> int:
+    """The most keys a program of one query block walks: under a window, the window
+    of its first token, from the start of that key's KV block, to its last token."""
+    if window is None:
+        return max_seq_len
+    return min(max_seq_len, window + block_size - 1 + max_query_len - 1)
 
 
 def _last_dim_contiguous(t: Tensor) -> Tensor:
@@ -308,6 +338,8 @@ def paged_attention(
     scale: float,
     out: Tensor | None = None,
     *,
+    window: int | None = None,
+    softcap: float | None = None,
     num_splits: int | None = None,
 ) -> Tensor:
     """Causal attention of each sequence's new tokens over its paged KV context.
@@ -316,9 +348,17 @@ def paged_attention(
     num_kv_heads, head_dim]; block_tables [num_seqs, max_blocks] int32; seq_lens
     [num_seqs] int32 counts the new tokens too; query_start_loc [num_seqs + 1] int32.
     `max_query_len` must bound every q_len (it picks the kernel's mode);
-    `max_seq_len` only sizes the decode split. `num_splits` forces the split count
+    `max_seq_len` only sizes the decode split. `window` w: the token at position p
+    sees keys p-w+1 .. p only, and block-table entries of blocks wholly left of
+    every new token's window are never read. `softcap` c: scaled scores s become
+    c * tanh(s / c) before masking and softmax. `num_splits` forces the split count
     of decode batches (tests); by default it follows the grid size.
     Returns `out` (new, in query's dtype, unless given; it may be `query` itself).
+
+    Everything that shapes the launch (grid, splits, compiled variant) comes from
+    the host-side ints and the flags window/softcap is None, never from device
+    tensors, and `window`, `softcap` and `scale` enter as plain scalar arguments:
+    a CUDA graph captured for one layer replays it with new metadata contents.
     """
     num_tokens, num_heads, head_dim = query.shape
     num_seqs = seq_lens.shape[0]
@@ -331,11 +371,14 @@ def paged_attention(
         raise ValueError("paged_attention needs caches and out with a contiguous last dimension")
     if num_heads % num_kv_heads:
         raise ValueError(f"{num_heads} query heads do not group over {num_kv_heads} KV heads")
+    if window is not None and window < 1:
+        raise ValueError(f"a sliding window must hold at least one key, got {window}")
     group = num_heads // num_kv_heads
     query = _last_dim_contiguous(query)
 
+    max_keys = _max_keys(max_seq_len, max_query_len, block_size, window)
     plan = _plan(
-        num_tokens, num_seqs, num_kv_heads, group, max_query_len, max_seq_len, num_splits,
+        num_tokens, num_seqs, num_kv_heads, group, max_query_len, max_keys, num_splits,
         query.device,
     )  # fmt: skip
     block_d = triton.next_power_of_2(head_dim)
@@ -349,10 +392,16 @@ def paged_attention(
         dot_dtype = tl.float32
     # Float32 caches get true float32 products, not the tensor cores' tf32.
     precision = "ieee" if dot_dtype == tl.float32 else "tf32"
+    # The kernel works in base 2; with a soft-cap, tanh comes from one exp2 of
+    # 2 * scores / c (see the kernel).
+    if softcap is None:
+        qk_scale, softcap_log2 = scale * _LOG2E, 0.0
+    else:
+        qk_scale, softcap_log2 = 2.0 * _LOG2E * scale / softcap, softcap * _LOG2E
     _attention_kernel[(plan.num_q_blocks, num_kv_heads, plan.num_splits)](
         out, query, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
         part_out, part_lse,
-        scale * _LOG2E, num_seqs,
+        qk_scale, softcap_log2, window or 0, num_seqs,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
@@ -360,7 +409,8 @@ def paged_attention(
         NUM_HEADS=num_heads, GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d,
         BLOCK_SIZE=block_size, BLOCK_M=plan.block_m, BLOCK_Q=plan.block_m // group,
         TILE_N=plan.shape.tile_n(block_d), NUM_SPLITS=plan.num_splits,
-        ONE_BLOCK_PER_SEQ=plan.one_block_per_seq, DOT_DTYPE=dot_dtype, DOT_PRECISION=precision,
+        ONE_BLOCK_PER_SEQ=plan.one_block_per_seq, HAS_WINDOW=window is not None,
+        SOFTCAP=softcap is not None, DOT_DTYPE=dot_dtype, DOT_PRECISION=precision,
         num_warps=plan.shape.num_warps, num_stages=plan.shape.num_stages,
     )  # fmt: skip
     if plan.num_splits > 1:

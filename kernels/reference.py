@@ -1,4 +1,4 @@
-"""Plain-torch references of the KV-cache kernels.
+"""Plain-torch references of the kernels: KV cache, paged attention, mixture of experts.
 
 They are written for clarity, not speed (per-sequence loops, float64 maths) and
 define what the Triton kernels must compute; the kernel tests compare against
@@ -22,12 +22,12 @@ def store_kv(
         v_cache[block, offset] = value[token]
 
 
-def _gather_context(cache: Tensor, block_table: Tensor, seq_len: int) -> Tensor:
-    """The first `seq_len` tokens of one sequence as [seq_len, num_kv_heads, head_dim]."""
+def _gather_context(cache: Tensor, block_table: Tensor, first_block: int, seq_len: int) -> Tensor:
+    """Tokens first_block * block_size .. seq_len-1 of one sequence, [n, num_kv_heads, head_dim]."""
     block_size = cache.shape[1]
     num_blocks = -(-seq_len // block_size)
-    blocks = cache[block_table[:num_blocks].long()]
-    return blocks.reshape(-1, *cache.shape[2:])[:seq_len]
+    blocks = cache[block_table[first_block:num_blocks].long()]
+    return blocks.reshape(-1, *cache.shape[2:])[: seq_len - first_block * block_size]
 
 
 def paged_attention(
@@ -41,14 +41,22 @@ def paged_attention(
     max_seq_len: int,
     scale: float,
     out: Tensor | None = None,
+    *,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> Tensor:
     """Causal attention of each sequence's new tokens over its paged context.
 
     The q_len new tokens of sequence i sit at positions seq_len-q_len .. seq_len-1;
     query head h reads KV head h // group (the grouping of `repeat_kv` in HF Llama).
+    With a `window` w, the token at position p sees keys p-w+1 .. p, w of them with
+    itself (Transformers' `sliding_window_overlay`: kv_idx > q_idx - w); blocks
+    wholly left of every new token's window are never read (they may be freed).
+    With a `softcap` c, scores (already scaled) become c * tanh(scores / c) before
+    the mask and the softmax (Gemma 2's attn_logit_softcapping).
     `max_query_len` and `max_seq_len` are accepted for signature parity only.
     """
-    num_heads = query.shape[1]
+    num_heads, block_size = query.shape[1], k_cache.shape[1]
     group = num_heads // k_cache.shape[2]
     if out is None:
         out = torch.empty_like(query)
@@ -58,15 +66,21 @@ def paged_attention(
         q_len = q_hi - q_lo
         if q_len == 0:
             continue
+        lowest_key = 0 if window is None else max(0, seq_len - q_len - window + 1)
+        first_block = lowest_key // block_size
         q = query[q_lo:q_hi].double()
-        k = _gather_context(k_cache, block_tables[i], seq_len).double()
-        v = _gather_context(v_cache, block_tables[i], seq_len).double()
+        k = _gather_context(k_cache, block_tables[i], first_block, seq_len).double()
+        v = _gather_context(v_cache, block_tables[i], first_block, seq_len).double()
         k = k.repeat_interleave(group, dim=1)
         v = v.repeat_interleave(group, dim=1)
         scores = torch.einsum("qhd,khd->hqk", q, k) * scale
+        if softcap is not None:
+            scores = softcap * torch.tanh(scores / softcap)
         q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)
-        k_pos = torch.arange(seq_len, device=q.device)
+        k_pos = torch.arange(first_block * block_size, seq_len, device=q.device)
         visible = k_pos[None, :] <= q_pos[:, None]
+        if window is not None:
+            visible &= k_pos[None, :] > q_pos[:, None] - window
         scores = scores.masked_fill(~visible, float("-inf"))
         probs = torch.softmax(scores, dim=-1)
         out[q_lo:q_hi] = torch.einsum("hqk,khd->qhd", probs, v).to(out.dtype)
@@ -83,3 +97,34 @@ def swap_blocks(src_cache: Tensor, dst_cache: Tensor, block_mapping: Tensor) -> 
     """Copy block src of `src_cache` to block dst of `dst_cache`, all layers, K and V."""
     for src, dst in block_mapping.tolist():
         dst_cache[:, :, dst] = src_cache[:, :, src].to(dst_cache.device)
+
+
+def select_experts(router_logits: Tensor, top_k: int, renormalize: bool) -> tuple[Tensor, Tensor]:
+    """Each token's top_k experts and their weights: softmax over all experts in float32,
+    the k largest, rescaled to sum to 1 if `renormalize` (Mixtral always; Qwen3-MoE as
+    its `norm_topk_prob` says). Returns (weights [T, k] float32, ids [T, k] int64)."""
+    probs = torch.softmax(router_logits.float(), dim=-1)
+    weights, ids = torch.topk(probs, top_k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, ids
+
+
+def fused_moe(
+    hidden: Tensor, w13: Tensor, w2: Tensor, topk_weights: Tensor, topk_ids: Tensor
+) -> Tensor:
+    """out[t] = sum_j topk_weights[t, j] * (silu(gate) * up) @ w2[e].T with e = topk_ids[t, j],
+    where [gate; up] = w13[e] @ hidden[t] (the first I rows of w13[e] are the gate's).
+    Computed expert by expert in float64; returned in hidden's dtype."""
+    inter_size = w2.shape[2]
+    out = torch.zeros(hidden.shape, dtype=torch.float64, device=hidden.device)
+    for expert in range(w2.shape[0]):
+        tokens, slots = (topk_ids == expert).nonzero(as_tuple=True)
+        if tokens.numel() == 0:
+            continue
+        x = hidden[tokens].double()
+        gate = x @ w13[expert, :inter_size].double().T
+        up = x @ w13[expert, inter_size:].double().T
+        y = (torch.nn.functional.silu(gate) * up) @ w2[expert].double().T
+        out.index_add_(0, tokens, y * topk_weights[tokens, slots, None].double())
+    return out.to(hidden.dtype)
