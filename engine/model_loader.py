@@ -17,7 +17,6 @@ from transformers import (
 )
 
 from engine.attention import AttentionBackend
-from engine.models.llama import RotaryEmbedding
 from engine.models.packed_linear import pack_linears
 from engine.models.registry import get_model_class
 
@@ -88,10 +87,6 @@ def load_config(path: Path) -> PretrainedConfig:
 
 def resolve_max_model_len(hf_config: PretrainedConfig, requested: int | None) -> int:
     limit = getattr(hf_config, "max_position_embeddings", None) or 2048
-    # Attention here is always full: cap at a sliding window so results stay exact.
-    window = getattr(hf_config, "sliding_window", None)
-    if window and getattr(hf_config, "use_sliding_window", True):
-        limit = min(limit, window)
     if requested is not None and requested > limit:
         raise ValueError(f"max_model_len {requested} exceeds the model's limit of "
                          f"{limit} positions")
@@ -135,9 +130,7 @@ def load_model(path: Path, config: PretrainedConfig, max_len: int,
     model.tie_weights()  # to_empty gives each module its own storage
     model.load_weights(_iter_safetensors(path))
     model = model.to(dtype).eval()
-    # Built on the meta device, the cos/sin tables are empty: build them for real,
-    # in float32 like Transformers.
-    model.rotary = RotaryEmbedding(config, model.head_dim, max_len).to(device)
+    model.build_rotary(device)  # after the cast: the tables stay float32
     if device.type == "cpu":
         pack_linears(model)
     return model
