@@ -11,6 +11,10 @@ from dataclasses import dataclass
 
 from engine.sequence import Sequence, SequenceGroup
 
+# A block-table entry whose block fell behind the attention window: freed, never read
+# again (the attention kernels start at the window).
+FREED = -1
+
 
 class BlockPool:
     """The blocks of one device with their reference counts.
@@ -73,8 +77,12 @@ class BlockManager:
         num_cpu_blocks: int,
         enable_prefix_caching: bool = True,
         share_blocks: bool = True,
+        window: int | None = None,
     ) -> None:
+        """`window`: every layer of the model attends to at most the last `window`
+        tokens, so the blocks behind that are freed as a sequence moves on."""
         self.block_size = block_size
+        self.window = window
         self.device = BlockPool(num_device_blocks)
         self.cpu = BlockPool(num_cpu_blocks)
         self.enable_prefix_caching = enable_prefix_caching
@@ -140,20 +148,40 @@ class BlockManager:
         pool = self.cpu if seq.seq_id in self._on_cpu else self.device
         self._on_cpu.discard(seq.seq_id)
         for block in seq.block_table:
-            pool.decref(block)
+            if block != FREED:
+                pool.decref(block)
         seq.block_table = []
+        self._changed[seq.seq_id] = seq
+
+    def free_behind_window(self, seq: Sequence) -> None:
+        """Free the blocks of a running `seq` that no query of it can see anymore: its
+        next query sits at position num_computed_tokens and sees back to there minus
+        window plus one. A no-op unless every layer is windowed."""
+        if self.window is None:
+            return
+        table = seq.block_table
+        visible_from = max(seq.num_computed_tokens - self.window + 1, 0)
+        i = min(visible_from // self.block_size, len(table)) - 1
+        if i < 0 or table[i] == FREED:
+            return
+        while i >= 0 and table[i] != FREED:  # the blocks before were freed earlier
+            self.device.decref(table[i])
+            table[i] = FREED
+            i -= 1
         self._changed[seq.seq_id] = seq
 
     def fork(self, parent: Sequence, child: Sequence, copies: list[tuple[int, int]]) -> None:
         """Give `child` the parent's blocks: shared, or (sharing off) copied into its own."""
         self._changed[child.seq_id] = child
         if not self.share_blocks and self.device.num_free >= len(parent.block_table):
-            child.block_table = [self._allocate_device() for _ in parent.block_table]
-            copies.extend(zip(parent.block_table, child.block_table, strict=True))
+            child.block_table = [FREED if b == FREED else self._allocate_device()
+                                 for b in parent.block_table]
+            copies.extend((src, dst) for src, dst in
+                          zip(parent.block_table, child.block_table, strict=True)
+                          if src != FREED)
             return
         child.block_table = list(parent.block_table)
-        for block in child.block_table:
-            self.device.incref(block)
+        self._incref_all(child.block_table)
 
     def adopt_prefix(self, source: Sequence, seq: Sequence) -> None:
         """Share with `seq` the computed full blocks of `source` that hold its own first
@@ -161,9 +189,13 @@ class BlockManager:
         num_blocks = self.count_shared_blocks(source.token_ids, source.num_computed_tokens, seq)
         seq.block_table = source.block_table[:num_blocks]
         self._changed[seq.seq_id] = seq
-        for block in seq.block_table:
-            self.device.incref(block)
+        self._incref_all(seq.block_table)
         seq.num_computed_tokens = num_blocks * self.block_size
+
+    def _incref_all(self, table: list[int]) -> None:
+        for block in table:
+            if block != FREED:
+                self.device.incref(block)
 
     def count_shared_blocks(self, tokens: list[int], num_computed_tokens: int,
                             seq: Sequence) -> int:
@@ -186,7 +218,8 @@ class BlockManager:
     # ---- swapping -----------------------------------------------------------
 
     def _distinct_blocks(self, group: SequenceGroup) -> list[int]:
-        return list(dict.fromkeys(b for s in group.live_seqs() for b in s.block_table))
+        return list(dict.fromkeys(b for s in group.live_seqs() for b in s.block_table
+                                  if b != FREED))
 
     def can_swap_out(self, group: SequenceGroup) -> bool:
         return len(self._distinct_blocks(group)) <= self.cpu.num_free
@@ -215,6 +248,9 @@ class BlockManager:
         for seq in group.live_seqs():
             new_table = []
             for block in seq.block_table:
+                if block == FREED:
+                    new_table.append(FREED)
+                    continue
                 if block in mapping:
                     dst.incref(mapping[block])
                 else:

@@ -93,7 +93,8 @@ class LLMEngine:
                                            config.seed)
         self.scheduler = Scheduler(
             config, num_device_blocks, num_cpu_blocks, self.seq_factory,
-            StopChecker(self.eos_token_ids, self.max_model_len, self.tokenizer))
+            StopChecker(self.eos_token_ids, self.max_model_len, self.tokenizer),
+            window=model.shared_window)
         self.structured = StructuredOutputManager(self.tokenizer, hc.vocab_size,
                                                   self.eos_token_ids, self.model_path)
         self.checker = RequestChecker(config, self.model_path, hc.vocab_size,

@@ -27,10 +27,13 @@ from engine.stop_checker import StopChecker
 
 class Scheduler(StepUpdates):
     def __init__(self, config: EngineConfig, num_device_blocks: int, num_cpu_blocks: int,
-                 factory: SequenceFactory, stop_checker: StopChecker) -> None:
+                 factory: SequenceFactory, stop_checker: StopChecker,
+                 window: int | None = None) -> None:
+        """`window`: the attention window every layer of the model shares (None when
+        any layer is global); blocks behind it are freed as sequences move on."""
         self.config = config
         self.bm = BlockManager(config.block_size, num_device_blocks, num_cpu_blocks,
-                               config.enable_prefix_caching, config.share_blocks)
+                               config.enable_prefix_caching, config.share_blocks, window)
         self.factory = factory
         self.stop_checker = stop_checker
         self._fork_copies: list[tuple[int, int]] = []
@@ -274,8 +277,12 @@ class Scheduler(StepUpdates):
         return new + len(written) - len(set(written))
 
     def _min_blocks(self, group: SequenceGroup) -> int:
-        """The fewest blocks the group's sequences need: the prompt's full blocks once."""
+        """The fewest blocks the group's sequences need: the prompt's full blocks once;
+        under a window, what one sequence holds at most once those behind it are freed."""
         seqs = group.live_seqs()
+        if self.bm.window is not None:
+            held = self.bm.blocks_for(self.bm.window) + 1
+            return sum(min(self.bm.blocks_for(s.num_tokens), held) for s in seqs)
         shared = group.seqs[0].prompt_len // self.bm.block_size if len(seqs) > 1 else 0
         return shared + sum(self.bm.blocks_for(s.num_tokens) - shared for s in seqs)
 

@@ -39,6 +39,7 @@ class StepUpdates:
             seq.num_computed_tokens = after = before + entry.num_tokens
             if before < seq.prompt_len:
                 self.num_prompt_tokens += min(after, seq.prompt_len) - before
+            self.bm.free_behind_window(seq)
 
     def fork_samples(self, group: SequenceGroup, seq: Sequence) -> list[Sequence]:
         """After the prompt, a request with n > 1 forks into n sequences sharing its blocks."""

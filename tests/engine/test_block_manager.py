@@ -2,7 +2,7 @@
 
 import time
 
-from engine.block_manager import BlockManager
+from engine.block_manager import FREED, BlockManager
 from engine.sampling_params import SamplingParams
 from engine.sequence import RequestMetrics, Sequence, SequenceGroup, SequenceStatus
 
@@ -118,3 +118,36 @@ def test_finding_a_cached_prefix_changes_nothing_and_allocating_commits():
     assert [bm.device.ref_counts[b] for b in prefix.blocks] == [2, 1]
     assert bm.device.num_free == num_free - 1
     assert (bm.num_queried_tokens, bm.num_hit_tokens) == (queried + 10, hit + 8)
+
+
+def test_blocks_behind_the_window_are_freed_and_stay_freed_through_swaps_and_forks():
+    bm = BlockManager(block_size=4, num_device_blocks=8, num_cpu_blocks=8,
+                      enable_prefix_caching=False, window=6)
+    seq = Sequence(0, list(range(13)), prompt_len=13)
+    bm.allocate_slots(seq, 13, [])
+    seq.num_computed_tokens = 13  # the next query (position 13) sees 8..13: blocks 2, 3
+    bm.free_behind_window(seq)
+    assert seq.block_table[:2] == [FREED, FREED] and bm.device.num_free == 6
+    assert seq.seq_id in bm.take_changed()
+    bm.free_behind_window(seq)  # nothing more to free: nothing changes
+    assert bm.device.num_free == 6 and not bm.take_changed()
+    group = SequenceGroup("r", None, seq.token_ids, SamplingParams(temperature=0), [seq],
+                          RequestMetrics(arrival_time=time.time()))
+    seq.status = SequenceStatus.RUNNING
+    assert bm.can_swap_out(group)
+    moved = bm.swap_out(group)
+    assert len(moved) == 2 and seq.block_table[:2] == [FREED, FREED]
+    assert bm.device.num_free == 8 and bm.cpu.num_free == 6
+    bm.swap_in(group)
+    assert seq.block_table[:2] == [FREED, FREED] and bm.device.num_free == 6
+    child = Sequence(1, list(seq.token_ids), prompt_len=13)
+    bm.fork(seq, child, [])
+    assert child.block_table == seq.block_table and bm.device.num_free == 6
+    bm.share_blocks = False
+    copied = Sequence(2, list(seq.token_ids), prompt_len=13)
+    copies: list[tuple[int, int]] = []
+    bm.fork(seq, copied, copies)
+    assert copied.block_table[:2] == [FREED, FREED] and len(copies) == 2
+    for s in (seq, child, copied):
+        bm.free(s)
+    assert bm.device.num_free == 8 and bm.cpu.num_free == 8
