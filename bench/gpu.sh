@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The GPU check in one run (a few minutes on an H100/H200): CUDA greedy parity with
 # Transformers, the seed's table and the 256-request throughput workload on SmolLM2's
-# shape and on a ~1B Llama (random weights, bf16), the engine's per-step overhead, then
-# the decode-attention kernels.
+# shape and on a ~1B Llama (random weights, bf16), the engine's per-step overhead, the
+# decode-attention kernels, then parity of every model family (windows, soft-caps, the
+# Triton fused MoE).
 #   bash bench/gpu.sh [OUTDIR]      results and logs under OUTDIR (default out/gpu)
 #   bash bench/gpu.sh --dry-run     the same steps at toy sizes, on whatever device is here
 set -u
@@ -27,7 +28,7 @@ step() {  # step NAME SECONDS CMD...: run with a time limit, keep the log, go on
 
 if [ $dry = 0 ]; then
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-    step parity 80 "$py" bench/gpu_parity.py
+    step parity 80 "$py" bench/gpu_parity.py --families none
 fi
 # Transformers' batch-size sweep runs the whole workload once per size: two sizes keep
 # each shape within its limit (a GPU session has 15 minutes in all).
@@ -41,6 +42,9 @@ step step-overhead 90 "$py" bench/step_overhead.py --device "${DEVICE:-auto}" "$
     --out "$out/step-overhead.txt"
 if [ $dry = 0 ] && [ "${KERNELS:-0}" = 1 ]; then
     step kernels 90 "$py" bench/kernels.py --out "$out/kernels.md"
+fi
+if [ $dry = 0 ]; then
+    step families-parity 180 "$py" bench/gpu_parity.py --families all --prompts 4
 fi
 for md in "$out"/throughput-*.md; do
     [ -f "$md" ] && "$py" bench/plot.py "$md" -o "${md%.md}.png"
