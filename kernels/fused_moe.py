@@ -80,6 +80,17 @@ def _route(topk_ids: Tensor, num_experts: int, block_m: int) -> _Routing:
 
 
 @triton.jit
+def _tile(tile_expert_ptr, pairs_ptr, num_pairs, num_cols,
+          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's tile: its expert (-1 for a spare tile), its rows' pairs (padding
+    rows hold num_pairs) and its output columns, with their masks."""
+    expert = tl.load(tile_expert_ptr + tl.program_id(0))
+    pair = tl.load(pairs_ptr + tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M))
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return expert, pair, pair < num_pairs, cols, cols < num_cols
+
+
+@triton.jit
 def _gate_up_kernel(
     act_ptr,
     hidden_ptr,
@@ -101,16 +112,11 @@ def _gate_up_kernel(
     DOT_PRECISION: tl.constexpr,
 ):
     """act[pair, n] = silu(x @ w_gate[n]) * (x @ w_up[n]) for one tile of one expert."""
-    tile = tl.program_id(0)
-    expert = tl.load(tile_expert_ptr + tile)
+    expert, pair, row_ok, cols, col_ok = _tile(tile_expert_ptr, pairs_ptr, num_pairs,
+                                               inter_size, BLOCK_M, BLOCK_N)
     if expert < 0:
         return
-    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-    pair = tl.load(pairs_ptr + rows)
-    row_ok = pair < num_pairs
     token = (pair // TOP_K).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < inter_size
     ks = tl.arange(0, BLOCK_K)
 
     x_ptrs = hidden_ptr + token[:, None] * stride_h_tok + ks[None, :]
@@ -156,16 +162,11 @@ def _down_kernel(
     DOT_PRECISION: tl.constexpr,
 ):
     """out[pair, n] = weight[pair] * (act[pair] @ w2[expert, n]) for one tile of one expert."""
-    tile = tl.program_id(0)
-    expert = tl.load(tile_expert_ptr + tile)
+    expert, pair, row_ok, cols, col_ok = _tile(tile_expert_ptr, pairs_ptr, num_pairs,
+                                               hidden_size, BLOCK_M, BLOCK_N)
     if expert < 0:
         return
-    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-    pair = tl.load(pairs_ptr + rows)
-    row_ok = pair < num_pairs
     pair64 = pair.to(tl.int64)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < hidden_size
     ks = tl.arange(0, BLOCK_K)
 
     a_ptrs = act_ptr + pair64[:, None] * stride_a_pair + ks[None, :]
