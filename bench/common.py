@@ -37,6 +37,20 @@ RANDOM_MODELS: dict[str, dict] = {
     ),
 }
 RANDOM_MODELS["tiny-32k"] = {**RANDOM_MODELS["tiny"], "vocab_size": 32000}
+# Other families (issue 15's GPU workloads): "family" names Transformers' classes.
+RANDOM_MODELS["qwen3-1b"] = dict(
+    family="Qwen3", hidden_size=2048, intermediate_size=6144, num_hidden_layers=16,
+    num_attention_heads=16, num_key_value_heads=8, head_dim=128, vocab_size=151936,
+    tie_word_embeddings=True, max_position_embeddings=4096,
+    rope_parameters={"rope_theta": 1000000.0, "rope_type": "default"},
+)
+RANDOM_MODELS["mixtral-small"] = dict(
+    family="Mixtral", hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
+    num_attention_heads=16, num_key_value_heads=8, head_dim=64, vocab_size=32000,
+    num_local_experts=8, num_experts_per_tok=2, tie_word_embeddings=False,
+    max_position_embeddings=4096, rope_parameters={"rope_theta": 1000000.0,
+                                                   "rope_type": "default"},
+)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -96,13 +110,18 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> 
 
 def build_random_checkpoint(shape: str, path: Path, dtype: torch.dtype,
                             device: torch.device, seed: int = 0) -> Path:
-    """Write a randomly initialised Llama checkpoint of a known shape (no tokenizer)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """Write a randomly initialised checkpoint of a known shape (no tokenizer): Llama
+    unless the shape names another family."""
+    import transformers
 
-    config = LlamaConfig(**RANDOM_MODELS[shape], bos_token_id=1, eos_token_id=2)
+    fields = dict(RANDOM_MODELS[shape])
+    family = fields.pop("family", "Llama")
+    config_cls = getattr(transformers, f"{family}Config")
+    model_cls = getattr(transformers, f"{family}ForCausalLM")
+    config = config_cls(**fields, bos_token_id=1, eos_token_id=2)
     torch.manual_seed(seed)
     with torch.device(device):  # initialising 1B parameters is much faster on a GPU
-        model = LlamaForCausalLM(config).to(dtype)
+        model = model_cls(config).to(dtype)
     model.save_pretrained(path)
     return path
 

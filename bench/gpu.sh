@@ -6,6 +6,7 @@
 # Triton fused MoE).
 #   bash bench/gpu.sh [OUTDIR]      results and logs under OUTDIR (default out/gpu)
 #   bash bench/gpu.sh --dry-run     the same steps at toy sizes, on whatever device is here
+#   SHAPES="qwen3-1b mixtral-small" bash bench/gpu.sh   other models' throughput
 set -u
 dry=0
 if [ "${1:-}" = "--dry-run" ]; then dry=1; shift; fi
@@ -34,7 +35,8 @@ fi
 # each shape within its limit (a GPU session has 15 minutes in all).
 sweep=(--hf-batches 64,256 --workload-repeats 1)
 [ $dry = 1 ] && sweep=()
-for shape in smollm2 llama-1b; do
+# SHAPES picks the throughput models, e.g. SHAPES="qwen3-1b mixtral-small" for issue 15's.
+for shape in ${SHAPES:-smollm2 llama-1b}; do
     step "throughput-$shape" 240 "$py" bench/throughput.py --random-model "$shape" --repeats 1 \
         --dtype bfloat16 "${sweep[@]}" "${quick[@]}" --out "$out/throughput-$shape.md"
 done

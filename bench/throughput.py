@@ -11,7 +11,7 @@ Prints:
       was fastest in a sweep; the two systems alternate (ABBA) over the repeats;
   (c) achieved FLOP/s on (b) as a fraction of a plain matmul's FLOP/s in the same run.
 
-    python bench/throughput.py [--quick] [--random-model smollm2|llama-1b|tiny]
+    python bench/throughput.py [--quick] [--random-model SHAPE]  (bench/common.py RANDOM_MODELS)
                                [--out bench/results/throughput-cpu.md]
 """
 
