@@ -20,47 +20,19 @@ masked inside the tiles. A soft-cap c turns scaled scores s into c * tanh(s / c)
 before the mask (Gemma 2).
 """
 
-import functools
-import math
 import os
-from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
+from kernels.attention_plan import max_keys, plan
+
 _LOG2E = 1.4426950408889634
 _DOT_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
-@dataclass(frozen=True)
-class _Shape:
-    """Launch shape of one mode: query rows per program, key tile, warps, pipeline depth."""
-
-    rows: int
-    tile_elements: int  # keys per tile x padded head_dim
-    num_warps: int
-    num_stages: int
-
-    def tile_n(self, block_d: int) -> int:
-        return max(16, self.tile_elements // block_d)
-
-
-# Decode packs a token's query-head group into the 16 rows tl.dot needs at least
-# and streams 16 KB of bf16 keys (and as much of values) per step: on an H200 that
-# read 70-100% of copy bandwidth. Prefill takes more tokens per program so that
-# each key tile serves many of them.
-_DECODE = _Shape(rows=16, tile_elements=8192, num_warps=4, num_stages=2)
-_PREFILL = _Shape(rows=64, tile_elements=4096, num_warps=4, num_stages=3)
-# Splitting stops once the grid holds this many programs per multiprocessor,
-# and a split gets at least this many keys (shorter ones cost more to merge and
-# launch than they save).
-_PROGRAMS_PER_SM = 4
-_MIN_KEYS_PER_SPLIT = 512
-_MAX_SPLITS = 32
-# The interpreter has no multiprocessors; this count sizes its splits.
-_INTERPRETER_SMS = 4
 # triton.jit reads this at import, as we do: the interpreter's tl.dot multiplies
 # bfloat16 operands as their raw 16-bit patterns, so there they go in as float32.
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -265,63 +237,6 @@ def _merge_splits_kernel(
     )
 
 
-@functools.lru_cache
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return _INTERPRETER_SMS
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-def _choose_splits(num_programs: int, max_keys: int, device: torch.device) -> int:
-    """Splits per sequence so that a decode grid fills the GPU (1: no split)."""
-    wanted = _PROGRAMS_PER_SM * _num_sms(device)
-    if num_programs >= wanted:
-        return 1
-    by_length = max(1, max_keys // _MIN_KEYS_PER_SPLIT)
-    return max(1, min(math.ceil(wanted / num_programs), by_length, _MAX_SPLITS))
-
-
-@dataclass(frozen=True)
-class _Plan:
-    shape: _Shape
-    block_m: int
-    num_q_blocks: int
-    num_splits: int
-    one_block_per_seq: bool
-
-
-def _plan(
-    num_tokens: int,
-    num_seqs: int,
-    num_kv_heads: int,
-    group: int,
-    max_query_len: int,
-    max_keys: int,
-    num_splits: int | None,
-    device: torch.device,
-) -> _Plan:
-    """Pick the mode: decode-like (one query block per sequence, maybe split) or prefill."""
-    block_m = max(_DECODE.rows, triton.next_power_of_2(group))
-    # When every sequence's new tokens fit one query block, program i takes
-    # sequence i and needs no search.
-    if max_query_len <= block_m // group:
-        if num_splits is None:
-            num_splits = _choose_splits(num_seqs * num_kv_heads, max_keys, device)
-        return _Plan(_DECODE, block_m, num_seqs, num_splits, one_block_per_seq=True)
-    block_m = max(_PREFILL.rows, block_m)
-    # Each sequence may end in one partly filled block: at most num_seqs more.
-    num_q_blocks = num_tokens // (block_m // group) + num_seqs
-    return _Plan(_PREFILL, block_m, num_q_blocks, 1, one_block_per_seq=False)
-
-
-def _max_keys(max_seq_len: int, max_query_len: int, block_size: int, window: int | None) -> int:
-    """The most keys a program of one query block walks: under a window, the window
-    of its first token, from the start of that key's KV block, to its last token."""
-    if window is None:
-        return max_seq_len
-    return min(max_seq_len, window + block_size - 1 + max_query_len - 1)
-
-
 def _last_dim_contiguous(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
@@ -376,16 +291,16 @@ def paged_attention(
     group = num_heads // num_kv_heads
     query = _last_dim_contiguous(query)
 
-    max_keys = _max_keys(max_seq_len, max_query_len, block_size, window)
-    plan = _plan(
-        num_tokens, num_seqs, num_kv_heads, group, max_query_len, max_keys, num_splits,
+    keys = max_keys(max_seq_len, max_query_len, block_size, window)
+    launch = plan(
+        num_tokens, num_seqs, num_kv_heads, group, max_query_len, keys, num_splits,
         query.device,
     )  # fmt: skip
     block_d = triton.next_power_of_2(head_dim)
 
     part_out = part_lse = out  # placeholders, never touched without a split
-    if plan.num_splits > 1:
-        part_lse = query.new_empty((num_tokens, num_heads, plan.num_splits), dtype=torch.float32)
+    if launch.num_splits > 1:
+        part_lse = query.new_empty((num_tokens, num_heads, launch.num_splits), dtype=torch.float32)
         part_out = part_lse.new_empty((*part_lse.shape, block_d))
     dot_dtype = _DOT_DTYPES[k_cache.dtype]
     if _INTERPRETED and dot_dtype == tl.bfloat16:
@@ -398,7 +313,7 @@ def paged_attention(
         qk_scale, softcap_log2 = scale * _LOG2E, 0.0
     else:
         qk_scale, softcap_log2 = 2.0 * _LOG2E * scale / softcap, softcap * _LOG2E
-    _attention_kernel[(plan.num_q_blocks, num_kv_heads, plan.num_splits)](
+    _attention_kernel[(launch.num_q_blocks, num_kv_heads, launch.num_splits)](
         out, query, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
         part_out, part_lse,
         qk_scale, softcap_log2, window or 0, num_seqs,
@@ -407,16 +322,16 @@ def paged_attention(
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0),
         NUM_HEADS=num_heads, GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d,
-        BLOCK_SIZE=block_size, BLOCK_M=plan.block_m, BLOCK_Q=plan.block_m // group,
-        TILE_N=plan.shape.tile_n(block_d), NUM_SPLITS=plan.num_splits,
-        ONE_BLOCK_PER_SEQ=plan.one_block_per_seq, HAS_WINDOW=window is not None,
+        BLOCK_SIZE=block_size, BLOCK_M=launch.block_m, BLOCK_Q=launch.block_m // group,
+        TILE_N=launch.shape.tile_n(block_d), NUM_SPLITS=launch.num_splits,
+        ONE_BLOCK_PER_SEQ=launch.one_block_per_seq, HAS_WINDOW=window is not None,
         SOFTCAP=softcap is not None, DOT_DTYPE=dot_dtype, DOT_PRECISION=precision,
-        num_warps=plan.shape.num_warps, num_stages=plan.shape.num_stages,
+        num_warps=launch.shape.num_warps, num_stages=launch.shape.num_stages,
     )  # fmt: skip
-    if plan.num_splits > 1:
+    if launch.num_splits > 1:
         _merge_splits_kernel[(num_tokens, num_heads)](
             out, part_out, part_lse, out.stride(0), out.stride(1),
             NUM_HEADS=num_heads, HEAD_DIM=head_dim, BLOCK_D=block_d,
-            NUM_SPLITS=plan.num_splits, BLOCK_S=triton.next_power_of_2(plan.num_splits),
+            NUM_SPLITS=launch.num_splits, BLOCK_S=triton.next_power_of_2(launch.num_splits),
         )  # fmt: skip
     return out

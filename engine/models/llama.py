@@ -10,7 +10,7 @@ from engine.models.layers import LayerSpec
 
 
 class LlamaForCausalLM(CausalLM):
-    pass
+    """The base decoder exactly: every layer global, no bias."""
 
 
 class MistralForCausalLM(CausalLM):
