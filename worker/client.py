@@ -96,17 +96,19 @@ class Client:
                priority: int = 0, queue: QueueKind | str = QueueKind.INTERACTIVE,
                idempotency_key: str | None = None, deadline_s: float | None = None,
                chat: bool = False, messages: list[Mapping[str, str]] | None = None,
-               stream: bool = False) -> str:
+               stream: bool = False, ttl_s: float | None = None) -> str:
         """Validate, store and enqueue one job; returns its id. A job has a prompt, or
         chat `messages` ([{"role": "system" | "user" | "assistant", "content": ...}]).
-        `stream`: its text can be read as it is generated (`stream`).
+        `stream`: its text can be read as it is generated (`stream`). `ttl_s`: not
+        started within this many seconds, the job ends expired without running.
 
         Raises InvalidJob (naming the field) or BrokerUnavailable."""
         if isinstance(params, GenerationParams):
             params = params.model_dump()
         job = self.parse({"prompt": prompt, "params": dict(params or {}), "priority": priority,
                           "queue": queue, "idempotency_key": idempotency_key,
-                          "deadline_s": deadline_s, "chat": chat, "stream": stream,
+                          "deadline_s": deadline_s, "ttl_s": ttl_s, "chat": chat,
+                          "stream": stream,
                           "messages": None if messages is None else list(messages)})
         return self._submit([job])[0]
 

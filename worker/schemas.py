@@ -199,6 +199,9 @@ class JobRequest(BaseModel):
     # Seconds of generation allowed once a worker starts the job; the worker
     # also caps it at its own PAGEDQ_JOB_DEADLINE_S.
     deadline_s: float | None = Field(None, gt=0, allow_inf_nan=False)
+    # Not started within this many seconds of submission, the job ends expired
+    # without running (its caller has given up by then).
+    ttl_s: float | None = Field(None, gt=0, allow_inf_nan=False)
     # Wrap the prompt as one user message in the model's chat template.
     chat: bool = False
     # Stream the text as it is generated (Client.stream); every job can be read once

@@ -390,5 +390,13 @@ def _new_row(request: JobRequest, now: datetime, published: bool,
         "custom_id": request.custom_id,
         "api_key_id": owner.api_key_id,
         "batch_id": owner.batch_id,
-        "expires_at": owner.expires_at,
+        "expires_at": _expiry(owner.expires_at, request.ttl_s, now),
     }
+
+
+def _expiry(owner_expires_at: datetime | None, ttl_s: float | None,
+            now: datetime) -> datetime | None:
+    """The earlier of the owner's expiry (a batch's window) and the job's own ttl."""
+    own = None if ttl_s is None else now + timedelta(seconds=ttl_s)
+    times = [t for t in (owner_expires_at, own) if t is not None]
+    return min(times, default=None)

@@ -9,10 +9,10 @@ import pytest
 from sqlalchemy import func, select
 
 from tests.worker.services import backdate
-from worker.models import Job, JobStatus
+from worker.models import Job, JobStatus, utcnow
 from worker.records import ClaimOutcome, Completion, JobMetrics
-from worker.schemas import IdempotencyConflict, QueueKind, parse_job
-from worker.store import INSERT_CHUNK, Due
+from worker.schemas import IdempotencyConflict, InvalidJob, QueueKind, parse_job
+from worker.store import INSERT_CHUNK, Due, JobOwner
 
 LEASE_S = 30.0
 
@@ -113,6 +113,29 @@ def test_an_expired_lease_is_taken_over_and_fences_the_old_attempt(store):
     assert [o.token_ids for o in record.outputs] == [[1, 2]]
     assert record.metrics.attempt == 2
     assert store.claim(job_id, "late", 3, LEASE_S).outcome is ClaimOutcome.FINISHED
+
+
+def test_a_job_not_started_within_its_ttl_expires_without_running(store):
+    fresh, stale, batch_like = (store.create([job("a", ttl_s=60)])[0].job_id,
+                                store.create([job("b", ttl_s=0.05)])[0].job_id,
+                                store.create([job("c", ttl_s=60)],
+                                             owner=JobOwner(expires_at=utcnow()))[0].job_id)
+    time.sleep(0.1)  # a real lapse of the short ttl, no clock trick
+    assert store.claim(fresh, "w", 3, LEASE_S).outcome is ClaimOutcome.CLAIMED
+    for job_id in (stale, batch_like):  # the earlier of the ttl and the owner's expiry
+        assert store.claim(job_id, "w", 3, LEASE_S).outcome is ClaimOutcome.EXPIRED
+        record = store.get(job_id)
+        assert record.status is JobStatus.EXPIRED and record.attempts == 0
+        assert record.error == "expired before it started" and record.finished
+        assert store.claim(job_id, "w", 3, LEASE_S).outcome is ClaimOutcome.FINISHED
+    # A running job is past expiry's reach: its lease decides, as before.
+    assert store.get(fresh).status is JobStatus.RUNNING
+
+
+@pytest.mark.parametrize("ttl_s", [0, -1, float("inf"), float("nan")])
+def test_a_ttl_must_be_positive_and_finite(ttl_s):
+    with pytest.raises(InvalidJob, match="ttl_s"):
+        job(ttl_s=ttl_s)
 
 
 def test_renewal_keeps_a_lease_live(store):
