@@ -17,12 +17,13 @@ import redis
 from kombu.exceptions import OperationalError as BrokerError
 
 from worker.celery_app import CANCEL_COMMAND, TASK_NAME, PagedqCelery, create_app
+from worker.job_rows import JobOwner
 from worker.models import JobStatus
 from worker.records import JobRecord
 from worker.redact import mask_url
 from worker.schemas import GenerationParams, InvalidJob, JobRequest, QueueKind, parse_job
 from worker.settings import ENV_PREFIX, Settings, load_settings
-from worker.store import JobOwner, JobStore
+from worker.store import JobStore
 from worker.streams import StreamDelta, read_stream
 
 POLL_START_S = 0.02

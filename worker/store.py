@@ -6,7 +6,7 @@ import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 from sqlalchemy import ColumnElement, Engine, and_, delete, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session, selectinload
 
 from engine.logprob import Logprob
 from worker.db import make_engine, make_sessionmaker
+from worker.job_rows import JobOwner, new_row, storable
 from worker.models import Job, JobStatus, Metrics, Output, utcnow
 from worker.records import (
     Claim,
@@ -39,15 +40,6 @@ class Due(NamedTuple):
     job_id: str
     queue: QueueKind
     orphaned: bool  # its worker died running it (not: its message was lost)
-
-
-@dataclass(slots=True, frozen=True)
-class JobOwner:
-    """Who a set of jobs belongs to, beside what each computes."""
-
-    api_key_id: str | None = None
-    batch_id: str | None = None
-    expires_at: datetime | None = None  # not started by then: the job ends expired
 
 
 @dataclass(slots=True)
@@ -101,7 +93,7 @@ class JobStore:
 
     def _create_chunk(self, session: Session, requests: Sequence[JobRequest], now: datetime,
                       published: bool, owner: JobOwner) -> list[Submission]:
-        rows = [_new_row(request, now, published, owner) for request in requests]
+        rows = [new_row(request, now, published, owner) for request in requests]
         keys = [row["idempotency_key"] for row in rows if row["idempotency_key"]]
         if keys:
             # A failed or cancelled job gives its key up, so that resubmitting
@@ -277,9 +269,9 @@ class JobStore:
             if won != 1:
                 return False
             session.add_all(
-                Output(job_id=job_id, index=o.index, text=_storable(o.text),
+                Output(job_id=job_id, index=o.index, text=storable(o.text),
                        token_ids=o.token_ids, finish_reason=o.finish_reason,
-                       stop_reason=None if o.stop_reason is None else _storable(o.stop_reason),
+                       stop_reason=None if o.stop_reason is None else storable(o.stop_reason),
                        cumulative_logprob=o.cumulative_logprob, score=o.score,
                        logprobs=logprobs_to_json(o.logprobs))
                 for o in outputs
@@ -355,48 +347,3 @@ def _expired(expires_at: datetime | None, now: datetime, unset: bool = True) -> 
     """`unset`: what a missing time means (a lease without one is expired; a job
     without expires_at never expires)."""
     return unset if expires_at is None else expires_at < now
-
-
-def _storable(text: str) -> str:
-    # PostgreSQL text cannot hold NUL, which a model can generate; the exact
-    # output stays in token_ids.
-    return text.replace("\x00", "\ufffd")
-
-
-def _new_row(request: JobRequest, now: datetime, published: bool,
-             owner: JobOwner) -> dict[str, Any]:
-    text_prompt = isinstance(request.prompt, str)
-    token_prompt = isinstance(request.prompt, list)
-    return {
-        "id": str(uuid.uuid4()),
-        "status": JobStatus.QUEUED,
-        "queue": request.queue.value,
-        "priority": request.priority,
-        "prompt_text": request.prompt if text_prompt else None,
-        "prompt_token_ids": list(request.prompt) if token_prompt else None,
-        "messages": ([m.model_dump() for m in request.messages]
-                     if request.messages is not None else None),
-        "params": request.params.model_dump(),
-        "chat": request.chat,
-        "deadline_s": request.deadline_s,
-        "idempotency_key": request.idempotency_key,
-        "attempts": 0,
-        "cancel_requested": False,
-        "created_at": now,
-        "updated_at": now,
-        "published_at": now if published else None,
-        "fingerprint": request.fingerprint(),
-        "stream": request.stream,
-        "custom_id": request.custom_id,
-        "api_key_id": owner.api_key_id,
-        "batch_id": owner.batch_id,
-        "expires_at": _expiry(owner.expires_at, request.ttl_s, now),
-    }
-
-
-def _expiry(owner_expires_at: datetime | None, ttl_s: float | None,
-            now: datetime) -> datetime | None:
-    """The earlier of the owner's expiry (a batch's window) and the job's own ttl."""
-    own = None if ttl_s is None else now + timedelta(seconds=ttl_s)
-    times = [t for t in (owner_expires_at, own) if t is not None]
-    return min(times, default=None)

@@ -8,12 +8,12 @@ import pytest
 from tests.worker.services import engine_fields, purge_queues
 from worker.client import BrokerUnavailable, Client
 from worker.gateway.intake import Intake
+from worker.job_rows import JobOwner
 from worker.keys import KeyStore
 from worker.migrate import run_alembic
 from worker.models import JobStatus
 from worker.schemas import JobRequest
 from worker.settings import load_settings
-from worker.store import JobOwner
 
 JOBS = 64
 

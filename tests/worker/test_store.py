@@ -9,10 +9,11 @@ import pytest
 from sqlalchemy import func, select
 
 from tests.worker.services import backdate
+from worker.job_rows import JobOwner
 from worker.models import Job, JobStatus, utcnow
 from worker.records import ClaimOutcome, Completion, JobMetrics
 from worker.schemas import IdempotencyConflict, InvalidJob, QueueKind, parse_job
-from worker.store import INSERT_CHUNK, Due, JobOwner
+from worker.store import INSERT_CHUNK, Due
 
 LEASE_S = 30.0
 

@@ -31,10 +31,10 @@ from worker.db import make_sessionmaker
 from worker.gateway.batch_lines import bad_line, error_line, jsonl, output_line, parse_input
 from worker.gateway.errors import APIError
 from worker.gateway.protocol import Endpoint
+from worker.job_rows import JobOwner
 from worker.models import Batch, BatchStatus, Job, JobStatus, StoredFile, utcnow
 from worker.records import JobRecord
 from worker.schemas import QueueKind
-from worker.store import JobOwner
 
 log = logging.getLogger(__name__)
 

@@ -25,11 +25,11 @@ from worker.gateway import protocol
 from worker.gateway.errors import APIError, not_found
 from worker.gateway.protocol import Endpoint
 from worker.gateway.state import Gateway, Keyed, gateway
+from worker.job_rows import JobOwner
 from worker.keys import KeyInfo
 from worker.models import JobStatus
 from worker.records import JobRecord
 from worker.schemas import InvalidJob, JobRequest
-from worker.store import JobOwner
 from worker.streams import StreamDelta, StreamDiverged, follow
 
 log = logging.getLogger(__name__)

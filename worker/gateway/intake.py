@@ -16,8 +16,8 @@ from itertools import groupby
 from starlette.concurrency import run_in_threadpool
 
 from worker.client import Client
+from worker.job_rows import JobOwner
 from worker.schemas import JobRequest
-from worker.store import JobOwner
 
 
 @dataclass(slots=True)
