@@ -49,14 +49,19 @@ class AttentionBackend(ABC):
 
     @abstractmethod
     def store_kv(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                 v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-        """Write the step's k/v [num_tokens, num_kv_heads, head_dim] into their slots."""
+                 v_cache: torch.Tensor, slot_mapping: torch.Tensor, k_scale: float = 1.0,
+                 v_scale: float = 1.0) -> None:
+        """Write the step's k/v [num_tokens, num_kv_heads, head_dim] into their slots.
+
+        A float8 cache (kv_cache_dtype "fp8") holds k / k_scale and v / v_scale, the
+        layer's per-tensor scales; a cache of the model's dtype ignores them."""
 
     @abstractmethod
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
                scale: float, window: int | None = None,
-               softcap: float | None = None) -> torch.Tensor:
+               softcap: float | None = None, k_scale: float = 1.0,
+               v_scale: float = 1.0) -> torch.Tensor:
         """One layer's attention output [num_tokens, num_heads, head_dim], read from the
         cache after `store_kv`, by the plan of the last `prepare`; changes no cache.
 
@@ -65,7 +70,8 @@ class AttentionBackend(ABC):
         sliding-window mask does (kv_idx > q_idx - w); blocks wholly left of every new
         token's window are never read, so the engine may free them. `softcap` c:
         scaled scores s become c * tanh(s / c) before the mask and softmax (Gemma 2).
-        Both are fixed per layer, which keeps a captured CUDA graph valid."""
+        Both are fixed per layer, which keeps a captured CUDA graph valid, as are
+        `k_scale` and `v_scale`, by which a float8 cache's entries are multiplied back."""
 
     @abstractmethod
     def copy_blocks(self, kv_cache: torch.Tensor, pairs: torch.Tensor) -> None:

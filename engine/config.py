@@ -10,6 +10,11 @@ from typing import Literal
 
 PreemptionMode = Literal["swap", "recompute"]
 AttentionBackendName = Literal["auto", "torch", "triton"]
+KVCacheDtype = Literal["auto", "fp8"]
+
+# Weight formats `quantization` names: fp8 and int8 quantize float weights at load
+# (or load an FP8 checkpoint as published); awq and gptq load 4-bit checkpoints.
+QUANTIZATION_METHODS = ("fp8", "int8", "awq", "gptq")
 
 # The names `dtype` accepts besides "auto"; each is an attribute of the torch module.
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
@@ -43,6 +48,9 @@ class EngineConfig:
     attention_backend: AttentionBackendName = "auto"
     gpu_memory_utilization: float = 0.9
     enforce_eager: bool = False
+    quantization: str | None = None     # None: as the checkpoint's quantization_config says
+    kv_cache_dtype: KVCacheDtype = "auto"  # "fp8": K/V stored as float8 e4m3
+    tensor_parallel_size: int = 1
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -76,6 +84,17 @@ class EngineConfig:
                 "attention_backend must be 'auto', 'torch' or 'triton', "
                 f"got {self.attention_backend!r}"
             )
+        if self.quantization is not None and self.quantization not in QUANTIZATION_METHODS:
+            raise ValueError(f"quantization must be None or one of {list(QUANTIZATION_METHODS)}, "
+                             f"got {self.quantization!r}")
+        if self.kv_cache_dtype not in ("auto", "fp8"):
+            raise ValueError(f"kv_cache_dtype must be 'auto' or 'fp8', got {self.kv_cache_dtype!r}")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(
+                f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        if self.tensor_parallel_size > 1 and self.device.startswith("cuda:"):
+            raise ValueError("tensor_parallel_size > 1 places rank r on cuda:r: give device "
+                             f"'auto' or 'cuda', got {self.device!r}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(
                 f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"

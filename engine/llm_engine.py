@@ -21,10 +21,11 @@ from engine.model_loader import (
     load_tokenizer,
     resolve_max_model_len,
     resolve_model_path,
+    weight_bytes,
 )
 from engine.model_runner import ModelRunner, PromptLogits, StepLogits
 from engine.outputs import EngineStats, RequestOutput, completions, decode_tokens
-from engine.platform import resolve_device, resolve_dtype
+from engine.platform import resolve_device, resolve_dtype, resolve_kv_dtype
 from engine.request_checks import Params, Prompt, RequestChecker
 from engine.sampler import Sampler, prompt_logprobs
 from engine.sampling_params import RequestOutputKind, SamplingParams
@@ -62,13 +63,15 @@ class LLMEngine:
         self.dtype = dtype = resolve_dtype(config, device)
         backend = make_backend(config.attention_backend, device, config.block_size)
         model = load_model(self.model_path, self.hf_config, self.max_model_len, backend, dtype,
-                           device)
+                           device, config.quantization)
+        self.weight_bytes = weight_bytes(model)
+        self.kv_dtype = kv_dtype = resolve_kv_dtype(config, dtype)
         self.runner = ModelRunner(model, backend, config.block_size, self.max_model_len,
                                   device)
         hc = self.hf_config
         kv_heads, head_dim = hc.num_key_value_heads, model.head_dim
         block_bytes = CacheEngine.block_bytes(hc.num_hidden_layers, kv_heads, head_dim,
-                                              config.block_size, dtype)
+                                              config.block_size, kv_dtype)
         num_device_blocks = config.num_device_blocks
         if num_device_blocks is None:
             # A pool sized from memory must hold one whole sequence; a forced size is
@@ -77,7 +80,7 @@ class LLMEngine:
             self._check_pool(num_device_blocks)
         num_cpu_blocks = int(config.swap_space_gib * 2**30 // block_bytes)
         self.cache = CacheEngine(hc.num_hidden_layers, kv_heads, head_dim, config.block_size,
-                                 num_device_blocks, num_cpu_blocks, dtype, device, backend)
+                                 num_device_blocks, num_cpu_blocks, kv_dtype, device, backend)
         model.bind_kv_cache(self.cache.device_cache)
         if device.type == "cuda" and backend.supports_cuda_graphs and not config.enforce_eager:
             try:
@@ -118,7 +121,7 @@ class LLMEngine:
         cfg = self.config
         peak = self.runner.profile_peak_memory(
             cfg.max_num_batched_tokens, self.max_model_len, cfg.max_num_seqs,
-            self.hf_config.num_key_value_heads, self.dtype)
+            self.hf_config.num_key_value_heads, self.kv_dtype)
         total = torch.cuda.get_device_properties(self.device).total_memory
         budget = total * cfg.gpu_memory_utilization - peak
         logger.info("GPU memory: %.1f GiB total, %.2f GiB peak for a maximal step, "
@@ -382,5 +385,6 @@ class LLMEngine:
             prefix_cache_hit_rate=bm.prefix_cache_hit_rate,
             num_prompt_tokens=sched.num_prompt_tokens,
             num_generated_tokens=sched.num_generated_tokens,
+            weight_bytes=self.weight_bytes,
             **self._counters,
         )

@@ -19,6 +19,7 @@ from transformers import (
 from engine.attention import AttentionBackend
 from engine.models.packed_linear import pack_linears
 from engine.models.registry import get_model_class
+from engine.quantization import resolve_quantization
 
 logger = logging.getLogger(__name__)
 
@@ -121,19 +122,36 @@ def _generation_eos(path: Path) -> int | list[int] | None:
 
 
 def load_model(path: Path, config: PretrainedConfig, max_len: int,
-               backend: AttentionBackend, dtype: torch.dtype,
-               device: torch.device) -> torch.nn.Module:
+               backend: AttentionBackend, dtype: torch.dtype, device: torch.device,
+               quantization: str | None = None) -> torch.nn.Module:
     model_cls = get_model_class(getattr(config, "architectures", None))
+    quant = resolve_quantization(quantization, config)
     with torch.device("meta"):
         model = model_cls(config, max_len, backend)
+    # Cast while nothing is allocated; quantized modules then keep their own dtypes.
+    model = model.to(dtype)
+    if quant is not None:
+        quant.prepare(model)
     model = model.to_empty(device=device)
     model.tie_weights()  # to_empty gives each module its own storage
     model.load_weights(_iter_safetensors(path))
-    model = model.to(dtype).eval()
-    model.build_rotary(device)  # after the cast: the tables stay float32
+    if quant is not None:
+        quant.finish(model)
+    model.eval()
+    model.build_rotary(device)  # the tables stay float32
     if device.type == "cpu":
         pack_linears(model)
     return model
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """The bytes the weights take on the device, a tied tensor counted once (the rotary
+    tables are computed, not weights)."""
+    named = (*model.named_parameters(), *model.named_buffers())
+    # oneDNN's packed weights (the CPU's) have no storage to point at: keyed by id.
+    tensors = {id(t) if t.is_mkldnn else t.data_ptr(): t for name, t in named
+               if not name.startswith("rotary.")}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def _iter_safetensors(path: Path):

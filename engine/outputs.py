@@ -52,6 +52,7 @@ class EngineStats:
     peak_num_running: int = 0
     peak_device_blocks_used: int = 0
     num_steps: int = 0
+    weight_bytes: int = 0              # the model's weights on the device (one rank's shard)
 
 
 def completions(group: SequenceGroup, decode: Callable[[list[int], list[int]], str]

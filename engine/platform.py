@@ -21,3 +21,8 @@ def resolve_dtype(config: EngineConfig, device: torch.device) -> torch.dtype:
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return getattr(torch, config.dtype)
 
+
+
+def resolve_kv_dtype(config: EngineConfig, dtype: torch.dtype) -> torch.dtype:
+    """The KV cache's element type: the model's, or float8 e4m3 (half of bf16's bytes)."""
+    return torch.float8_e4m3fn if config.kv_cache_dtype == "fp8" else dtype

@@ -20,13 +20,15 @@ class TritonBackend(AttentionBackend):
         which is also what lets a CUDA graph replay it with new contents."""
 
     def store_kv(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                 v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+                 v_cache: torch.Tensor, slot_mapping: torch.Tensor, k_scale: float = 1.0,
+                 v_scale: float = 1.0) -> None:
         kernels.store_kv(k, v, k_cache, v_cache, slot_mapping)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
                scale: float, window: int | None = None,
-               softcap: float | None = None) -> torch.Tensor:
+               softcap: float | None = None, k_scale: float = 1.0,
+               v_scale: float = 1.0) -> torch.Tensor:
         # The step's k and v were stored first: the kernel reads them from the cache.
         # window and softcap are the layer's constants: under a CUDA graph they are
         # captured as the launch's scalar arguments and compiled variant, as scale is.

@@ -88,6 +88,9 @@ class Attention(nn.Module):
         self.window = spec.window
         self.softcap = spec.softcap
         self.backend = backend  # shared by every layer: it holds the step's plan
+        # Per-tensor scales of a float8 KV cache: stored entries are k / k_scale.
+        self.k_scale = 1.0
+        self.v_scale = 1.0
         self.k_cache = torch.empty(0)
         self.v_cache = torch.empty(0)
 
@@ -102,9 +105,11 @@ class Attention(nn.Module):
         qk = apply_rotary(qk, *rope)
         q, k = qk[:, :self.num_heads], qk[:, self.num_heads:]
         v = qkv[:, self.q_size + self.kv_size:].view(-1, self.num_kv_heads, self.head_dim)
-        self.backend.store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+        self.backend.store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping,
+                              self.k_scale, self.v_scale)
         o = self.backend.attend(q, k, v, self.k_cache, self.v_cache, meta, self.scale,
-                                window=self.window, softcap=self.softcap)
+                                window=self.window, softcap=self.softcap,
+                                k_scale=self.k_scale, v_scale=self.v_scale)
         return self.o_proj(o.reshape(-1, self.q_size))
 
 

@@ -1,5 +1,9 @@
 """Checkpoint tensors -> a model's parameters: renames, fused projections assembled
-from their shards, per-expert tensors stacked, every parameter loaded exactly once."""
+from their shards, per-expert tensors stacked, every parameter loaded exactly once.
+
+A parameter whose output rows are not its first dimension (a packed quantized
+layout such as AWQ's qweight [in, out / 8]) says so with an `output_dim` attribute:
+its shards are concatenated along that dimension."""
 
 import re
 from collections.abc import Iterable
@@ -71,7 +75,8 @@ class WeightLoader:
         num_experts = param.shape[0] if param.dim() == 3 else 1
         if len(shards) < num_experts * per_expert:
             return
-        rows = [torch.cat([shards[(e, s)] for s in range(per_expert)])
+        dim = getattr(param, "output_dim", 0)
+        rows = [torch.cat([shards[(e, s)] for s in range(per_expert)], dim=dim)
                 for e in range(num_experts)]
         self._copy(target, torch.stack(rows) if param.dim() == 3 else rows[0])
         del self.shards[target]
