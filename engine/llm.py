@@ -16,6 +16,16 @@ class LLM:
         self.engine = LLMEngine(EngineConfig(model=model, **kwargs))
         self._next_id = 0
 
+    def close(self) -> None:
+        """Stop the engine's tensor-parallel ranks (nothing to stop with one rank)."""
+        self.engine.shutdown()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     @property
     def model_path(self):
         return self.engine.model_path

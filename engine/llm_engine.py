@@ -6,26 +6,27 @@ Not thread-safe: one thread drives add_request / abort_request / step.
 import gc
 import logging
 import time
+import weakref
+from typing import Any
 
 import torch
 
 from engine import detokenizer
-from engine.attention_factory import make_backend
 from engine.block_manager import BlockManager
-from engine.cache_engine import CacheEngine
-from engine.config import CPU_KV_CACHE_GIB, EngineConfig
+from engine.config import EngineConfig
+from engine.distributed.ranks import RankGroup
+from engine.distributed.shard import ONE_RANK
 from engine.model_loader import (
     load_config,
     load_eos_token_ids,
-    load_model,
     load_tokenizer,
     resolve_max_model_len,
     resolve_model_path,
-    weight_bytes,
 )
-from engine.model_runner import ModelRunner, PromptLogits, StepLogits
+from engine.model_runner import PromptLogits, StepLogits
 from engine.outputs import EngineStats, RequestOutput, completions, decode_tokens
-from engine.platform import resolve_device, resolve_dtype, resolve_kv_dtype
+from engine.platform import resolve_device
+from engine.rank import build_rank
 from engine.request_checks import Params, Prompt, RequestChecker
 from engine.sampler import Sampler, prompt_logprobs
 from engine.sampling_params import RequestOutputKind, SamplingParams
@@ -59,36 +60,32 @@ class LLMEngine:
         self.hf_config = load_config(self.model_path)
         self.tokenizer = load_tokenizer(self.model_path)
         self.max_model_len = resolve_max_model_len(self.hf_config, config.max_model_len)
-        self.device = device = resolve_device(config)
-        self.dtype = dtype = resolve_dtype(config, device)
-        backend = make_backend(config.attention_backend, device, config.block_size)
-        model = load_model(self.model_path, self.hf_config, self.max_model_len, backend, dtype,
-                           device, config.quantization)
-        self.weight_bytes = weight_bytes(model)
-        self.kv_dtype = kv_dtype = resolve_kv_dtype(config, dtype)
-        self.runner = ModelRunner(model, backend, config.block_size, self.max_model_len,
-                                  device)
-        hc = self.hf_config
-        kv_heads, head_dim = hc.num_key_value_heads, model.head_dim
-        block_bytes = CacheEngine.block_bytes(hc.num_hidden_layers, kv_heads, head_dim,
-                                              config.block_size, kv_dtype)
-        num_device_blocks = config.num_device_blocks
-        if num_device_blocks is None:
-            # A pool sized from memory must hold one whole sequence; a forced size is
-            # the caller's choice, and requests that outgrow it are aborted one by one.
-            num_device_blocks = self._size_device_pool(block_bytes)
-            self._check_pool(num_device_blocks)
-        num_cpu_blocks = int(config.swap_space_gib * 2**30 // block_bytes)
-        self.cache = CacheEngine(hc.num_hidden_layers, kv_heads, head_dim, config.block_size,
-                                 num_device_blocks, num_cpu_blocks, kv_dtype, device, backend)
-        model.bind_kv_cache(self.cache.device_cache)
-        if device.type == "cuda" and backend.supports_cuda_graphs and not config.enforce_eager:
-            try:
-                self.runner.capture_graphs(config.max_num_seqs, self.max_model_len,
-                                           hc.hidden_size, dtype)
-            except RuntimeError as exc:  # graphs are an optimisation: serve eagerly instead
-                logger.warning("CUDA graph capture failed, running eager: %s", exc)
-                self.runner.graphs = None
+        self.ranks = RankGroup(config) if config.tensor_parallel_size > 1 else None
+        if self.ranks is not None:
+            # An engine dropped without shutdown() still takes its ranks down.
+            weakref.finalize(self, self.ranks.close)
+        try:
+            shard, device = ((self.ranks.shard, self.ranks.device) if self.ranks
+                             else (ONE_RANK, resolve_device(config)))
+            rank = build_rank(config, self.model_path, self.hf_config, self.max_model_len,
+                              shard, device)
+            if rank.sized_from_memory:
+                # A pool sized from memory must hold one whole sequence; a forced size is
+                # the caller's choice, and requests that outgrow it are aborted one by one.
+                self._check_pool(rank.num_device_blocks)
+        except Exception as exc:
+            if self.ranks is None:
+                raise
+            failure = self.ranks.failure(exc)
+            if isinstance(exc, ValueError):  # a setting every rank refuses alike
+                raise
+            raise failure from exc
+        self.device = device
+        self.runner, self.cache = rank.runner, rank.cache
+        self.runner.peers = self.ranks
+        self.weight_bytes = rank.weight_bytes
+        num_device_blocks, num_cpu_blocks = rank.num_device_blocks, rank.num_cpu_blocks
+        model, hc = self.runner.model, self.hf_config
         self.eos_token_ids = load_eos_token_ids(self.model_path, self.hf_config,
                                                 self.tokenizer)
         self.sampler = Sampler(self.eos_token_ids)
@@ -114,21 +111,6 @@ class LLMEngine:
 
     # ---- set-up -------------------------------------------------------------
 
-    def _size_device_pool(self, block_bytes: int) -> int:
-        """CPU: a fixed budget. CUDA: what a maximal step leaves of gpu_memory_utilization."""
-        if self.device.type != "cuda":
-            return max(int(CPU_KV_CACHE_GIB * 2**30 // block_bytes), 1)
-        cfg = self.config
-        peak = self.runner.profile_peak_memory(
-            cfg.max_num_batched_tokens, self.max_model_len, cfg.max_num_seqs,
-            self.hf_config.num_key_value_heads, self.kv_dtype)
-        total = torch.cuda.get_device_properties(self.device).total_memory
-        budget = total * cfg.gpu_memory_utilization - peak
-        logger.info("GPU memory: %.1f GiB total, %.2f GiB peak for a maximal step, "
-                    "%.1f GiB for the KV pool", total / 2**30, peak / 2**30,
-                    max(budget, 0) / 2**30)
-        return max(int(budget // block_bytes), 0)
-
     def _check_pool(self, num_blocks: int) -> None:
         """Fail fast when one sequence of max_model_len cannot fit (vLLM #2418)."""
         bs = self.config.block_size
@@ -142,6 +124,11 @@ class LLMEngine:
         logger.info("KV pool: %d blocks of %d tokens; max concurrency %.1f sequences of "
                     "max_model_len %d", num_blocks, bs, num_blocks / per_seq,
                     self.max_model_len)
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel ranks, if any; the engine runs no step after this."""
+        if self.ranks is not None:
+            self.ranks.close()
 
     def get_tokenizer(self):
         return self.tokenizer
@@ -224,10 +211,9 @@ class LLMEngine:
         for group in sched.never_fit:
             self.abort_request(group.request_id, group.abort_reason)
         # Forks made while sampling the last step, before anything can move their blocks.
-        self.cache.copy(sched.fork_copies)
-        self.cache.swap_out(sched.blocks_to_swap_out)
-        self.cache.swap_in(sched.blocks_to_swap_in)
-        self.cache.copy(sched.blocks_to_copy)
+        self._move_blocks([("copy", sched.fork_copies), ("swap_out", sched.blocks_to_swap_out),
+                           ("swap_in", sched.blocks_to_swap_in),
+                           ("copy", sched.blocks_to_copy)])
         self.runner.sync_block_tables(sched.changed_tables)
         c, bm = self._counters, self.block_manager
         # An upper bound first: counting live sequences exactly is rarely needed.
@@ -250,6 +236,21 @@ class LLMEngine:
             outputs.append(self._report(group))
         self._aborted.clear()
         return outputs
+
+    def _move_blocks(self, ops: list[tuple[str, Any]]) -> None:
+        """Copies and swaps in the KV pools, on every rank."""
+        ops = [(op, arg) for op, arg in ops if arg]
+        if not ops:
+            return
+        try:
+            if self.ranks is not None:
+                self.ranks.send_cache_ops(ops)
+            for op, arg in ops:
+                getattr(self.cache, op)(arg)
+        except Exception as exc:
+            if self.ranks is None:
+                raise
+            raise self.ranks.failure(exc) from exc
 
     def _expire_deadlines(self) -> None:
         now = time.time()
@@ -274,6 +275,9 @@ class LLMEngine:
         try:
             logits, sampled, prompt = self.runner.execute(scheduled)
         except Exception as exc:
+            if self.ranks is not None:
+                # The other ranks are in a collective, or gone: no step can be retried.
+                raise self.ranks.failure(exc) from exc
             logits, sampled, prompt = self._execute_isolated(scheduled, exc)
         for chunk in prompt:
             try:

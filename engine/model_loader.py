@@ -17,9 +17,10 @@ from transformers import (
 )
 
 from engine.attention import AttentionBackend
+from engine.distributed.shard import ONE_RANK, Shard
 from engine.models.packed_linear import pack_linears
 from engine.models.registry import get_model_class
-from engine.quantization import resolve_quantization
+from engine.quantization import checkpoint_method, resolve_quantization
 
 logger = logging.getLogger(__name__)
 
@@ -123,16 +124,25 @@ def _generation_eos(path: Path) -> int | list[int] | None:
 
 def load_model(path: Path, config: PretrainedConfig, max_len: int,
                backend: AttentionBackend, dtype: torch.dtype, device: torch.device,
-               quantization: str | None = None) -> torch.nn.Module:
+               quantization: str | None = None, shard: Shard = ONE_RANK) -> torch.nn.Module:
     model_cls = get_model_class(getattr(config, "architectures", None))
     quant = resolve_quantization(quantization, config)
+    if shard.size > 1 and checkpoint_method(config)[0] is not None:
+        raise ValueError(f"a checkpoint quantized with {checkpoint_method(config)[0]!r} "
+                         "loads on one rank only: tensor_parallel_size must be 1 (fp8 and "
+                         "int8 quantized at load from a float checkpoint do split)")
     with torch.device("meta"):
-        model = model_cls(config, max_len, backend)
+        model = model_cls(config, max_len, backend, shard)
     # Cast while nothing is allocated; quantized modules then keep their own dtypes.
     model = model.to(dtype)
     if quant is not None:
         quant.prepare(model)
+    # to_empty makes new Parameter objects: the attributes the loader reads (a packed
+    # layout's output_dim, a shard's rows) are carried over.
+    attrs = {name: dict(p.__dict__) for name, p in model.named_parameters() if p.__dict__}
     model = model.to_empty(device=device)
+    for name, p in model.named_parameters():
+        p.__dict__.update(attrs.get(name, {}))
     model.tie_weights()  # to_empty gives each module its own storage
     model.load_weights(_iter_safetensors(path))
     if quant is not None:

@@ -3,6 +3,7 @@ and run the model; return the logits of the sequences that sample this step."""
 
 from dataclasses import dataclass
 from itertools import chain
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -25,19 +26,40 @@ class PromptLogits:
 
 
 @dataclass(slots=True)
+class StepArrays:
+    """What a rank needs to run a step, in host arrays: the driver builds it, and under
+    tensor parallelism sends it to the other ranks as it is."""
+
+    input_ids: np.ndarray
+    positions: np.ndarray
+    slot_mapping: np.ndarray
+    block_tables: np.ndarray
+    seq_lens: np.ndarray
+    query_start_loc: np.ndarray
+    max_query_len: int
+    num_decodes: int
+    seq_lens_cpu: list[int]
+    query_lens_cpu: list[int]
+    logits_indices: np.ndarray | None  # the rows that sample; None: every row does
+    prompt_rows: list[int]             # the rows whose logits give prompt logprobs
+
+
+@dataclass(slots=True)
 class ModelInput:
-    input_ids: torch.Tensor
-    positions: torch.Tensor
-    meta: AttentionMetadata
-    logits_indices: torch.Tensor
+    arrays: StepArrays
     sampled: list[ScheduledSeq]      # the entries whose last token yields logits, in row order
-    # Requests asking for prompt logprobs: (entry, first predicted index, count) and the
-    # rows of the tokens that predict them.
+    # Requests asking for prompt logprobs: (entry, first predicted index, count); the
+    # rows of the tokens that predict them are the arrays' prompt_rows.
     prompt_chunks: list[tuple[ScheduledSeq, int, int]]
-    prompt_rows: list[int]
 
 
 StepLogits = tuple[torch.Tensor, list[ScheduledSeq], list[PromptLogits]]
+
+
+class StepPeers(Protocol):
+    """The other ranks of a tensor-parallel engine, told of each step before it runs."""
+
+    def send_step(self, arrays: StepArrays) -> None: ...
 
 
 class ModelRunner:
@@ -49,6 +71,7 @@ class ModelRunner:
         self.device = device
         self.graphs: DecodeGraphs | None = None
         self.block_tables = BlockTables(-(-max_model_len // block_size))
+        self.peers: StepPeers | None = None
 
     def capture_graphs(self, max_num_seqs: int, max_model_len: int, hidden_size: int,
                        dtype: torch.dtype) -> None:
@@ -131,26 +154,22 @@ class ModelRunner:
         bs = self.block_size
         table = self.block_tables.array
         slots = table[token_rows, positions // bs] * bs + positions % bs
-        max_seq_len = int(seq_lens.max())
         done = seq_lens == np.array([s.num_tokens for s in seqs])
         sampled_rows = np.flatnonzero(done)
-        seq_lens_list = seq_lens.tolist()
-        meta = AttentionMetadata(
-            slot_mapping=self._tensor(slots),
-            block_tables=self._tensor(table[rows, :-(-max_seq_len // bs)].astype(np.int32)),
-            seq_lens=self._tensor(seq_lens.astype(np.int32)),
-            query_start_loc=self._tensor(query_start.astype(np.int32)),
-            max_query_len=max(query_lens_list),
-            max_seq_len=max_seq_len,
-            num_decodes=len(decodes),
-            seq_lens_cpu=seq_lens_list,
-            query_lens_cpu=query_lens_list,
-        )
+        max_seq_len = int(seq_lens.max())
         chunks, rows_of_prompts = self._prompt_rows(batch, starts_list, query_start)
-        return ModelInput(self._tensor(np.array(input_ids, dtype=np.int64)),
-                          self._tensor(positions), meta,
-                          self._tensor(query_start[1:][sampled_rows] - 1),
-                          [batch[i] for i in sampled_rows.tolist()], chunks, rows_of_prompts)
+        arrays = StepArrays(
+            input_ids=np.array(input_ids, dtype=np.int64), positions=positions,
+            slot_mapping=slots,
+            block_tables=table[rows, :-(-max_seq_len // bs)].astype(np.int32),
+            seq_lens=seq_lens.astype(np.int32), query_start_loc=query_start.astype(np.int32),
+            max_query_len=max(query_lens_list), num_decodes=len(decodes),
+            seq_lens_cpu=seq_lens.tolist(), query_lens_cpu=query_lens_list,
+            logits_indices=(None if len(sampled_rows) == len(batch) == len(input_ids)
+                            else query_start[1:][sampled_rows] - 1),
+            prompt_rows=rows_of_prompts,
+        )
+        return ModelInput(arrays, [batch[i] for i in sampled_rows.tolist()], chunks)
 
     @staticmethod
     def _prompt_rows(batch: list[ScheduledSeq], starts: list[int], query_start: np.ndarray
@@ -177,20 +196,40 @@ class ModelRunner:
         """The logits of the entries that sample (in row order) and, for the requests
         that asked, of their prompt tokens."""
         inp = self.prepare(scheduled)
-        hidden = self._forward(inp.input_ids, inp.positions, inp.meta)
+        if self.peers is not None:
+            self.peers.send_step(inp.arrays)
+        logits, prompt_logits = self.compute(inp.arrays)
         prompt: list[PromptLogits] = []
-        if inp.prompt_chunks:
-            rows = torch.tensor(inp.prompt_rows, device=hidden.device)
-            logits = self.model.compute_logits(hidden[rows])
-            offset = 0
-            for entry, first, count in inp.prompt_chunks:
-                prompt.append(PromptLogits(entry, first, logits[offset:offset + count]))
-                offset += count
-        if not inp.sampled:
-            return hidden.new_empty((0, 0)), [], prompt
-        if len(inp.sampled) < len(hidden):  # else every token samples (decodes), in order
-            hidden = hidden[inp.logits_indices]
-        return self.model.compute_logits(hidden), inp.sampled, prompt
+        offset = 0
+        for entry, first, count in inp.prompt_chunks:
+            prompt.append(PromptLogits(entry, first, prompt_logits[offset:offset + count]))
+            offset += count
+        return logits, inp.sampled, prompt
+
+    @torch.inference_mode()
+    def compute(self, arrays: StepArrays) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the step on this rank: (the sampling rows' logits, the prompt rows'). Every
+        rank of a tensor-parallel engine runs it on the same arrays, so that the
+        collectives inside the model meet."""
+        a = arrays
+        meta = AttentionMetadata(
+            slot_mapping=self._tensor(a.slot_mapping), block_tables=self._tensor(a.block_tables),
+            seq_lens=self._tensor(a.seq_lens), query_start_loc=self._tensor(a.query_start_loc),
+            max_query_len=a.max_query_len, max_seq_len=max(a.seq_lens_cpu),
+            num_decodes=a.num_decodes, seq_lens_cpu=a.seq_lens_cpu,
+            query_lens_cpu=a.query_lens_cpu,
+        )
+        hidden = self._forward(self._tensor(a.input_ids), self._tensor(a.positions), meta)
+        empty = hidden.new_empty((0, 0))
+        prompt = empty
+        if a.prompt_rows:
+            rows = torch.tensor(a.prompt_rows, device=hidden.device)
+            prompt = self.model.compute_logits(hidden[rows])
+        if a.logits_indices is None:  # every token samples (decodes), in order
+            return self.model.compute_logits(hidden), prompt
+        if not len(a.logits_indices):
+            return empty, prompt
+        return self.model.compute_logits(hidden[self._tensor(a.logits_indices)]), prompt
 
     def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                  meta: AttentionMetadata) -> torch.Tensor:

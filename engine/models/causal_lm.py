@@ -12,6 +12,7 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from engine.attention import AttentionBackend, AttentionMetadata
+from engine.distributed.shard import ONE_RANK, Shard
 from engine.models.layers import DecoderLayer, LayerSpec, RMSNorm
 from engine.models.rotary import RotaryEmbedding
 from engine.models.weights import WeightLoader
@@ -59,22 +60,31 @@ class CausalLM(nn.Module):
         """The model's cos/sin tables, named as the layer specs' `rope` names them."""
         return {"global": RotaryEmbedding(self.config, self.head_dim, self.max_len)}
 
-    def __init__(self, config: PretrainedConfig, max_len: int,
-                 backend: AttentionBackend) -> None:
+    def __init__(self, config: PretrainedConfig, max_len: int, backend: AttentionBackend,
+                 shard: Shard = ONE_RANK) -> None:
         super().__init__()
         self.config = config
         self.max_len = max_len
+        self.shard = shard
         specs = [self.layer_spec(config, i) for i in range(config.num_hidden_layers)]
         self.head_dim = specs[0].head_dim
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        # Vocabulary-parallel: each rank embeds, and scores, its rows of the vocabulary.
+        self.vocab = shard.vocab(config.vocab_size)
+        rows = shard.vocab_rows(config.vocab_size)
+        self.embed_tokens = nn.Embedding(rows, config.hidden_size)
         self.embed_scale = self.embedding_scale(config)
-        self.layers = nn.ModuleList(DecoderLayer(spec, backend) for spec in specs)
+        self.layers = nn.ModuleList(DecoderLayer(spec, backend, shard) for spec in specs)
+        self.num_kv_heads = self.layers[0].self_attn.num_kv_heads
         # The final norm is of the layers' kind: (1 + w) in Gemma.
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, specs[0].unit_offset_norms)
         self.logit_softcap = self.final_softcap(config)
         self.build_rotary(torch.device("cpu"))
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(config.hidden_size, rows, bias=False)
+        if shard.size > 1:
+            for weight in (self.embed_tokens.weight, self.lm_head.weight):
+                weight.tp_pieces = [(config.vocab_size, self.vocab)]
+                weight.tp_rows = rows
         self.tie_weights()
 
     @property
@@ -95,7 +105,7 @@ class CausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
-        x = self.embed_tokens(input_ids)
+        x = self.embed(input_ids)
         if self.embed_scale is not None:
             # Gemma rounds √hidden to the weights' dtype first, and so must we.
             x = x * torch.tensor(self.embed_scale, dtype=x.dtype)
@@ -104,14 +114,26 @@ class CausalLM(nn.Module):
             x = layer(x, meta, ropes)
         return x
 
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.shard.size == 1:
+            return self.embed_tokens(input_ids)
+        # Tokens of other ranks' rows embed as zeros here; the all-reduce fills them in.
+        local = input_ids - self.vocab.start
+        mine = (local >= 0) & (local < len(self.vocab))
+        x = self.embed_tokens(torch.where(mine, local, 0)) * mine.unsqueeze(-1)
+        return self.shard.all_reduce(x)
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head(self.norm(hidden))
+        if self.shard.size > 1:
+            logits = self.shard.gather_last(logits)[:, :self.config.vocab_size]
         if self.logit_softcap is not None:
             logits = torch.tanh(logits / self.logit_softcap) * self.logit_softcap
         return logits.float()
 
     def bind_kv_cache(self, kv_cache: torch.Tensor) -> None:
-        """kv_cache: [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]."""
+        """kv_cache: [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim], this
+        rank's KV heads."""
         for layer, cache in zip(self.layers, kv_cache, strict=True):
             layer.self_attn.k_cache, layer.self_attn.v_cache = cache[0], cache[1]
 

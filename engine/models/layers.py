@@ -15,8 +15,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.attention import AttentionBackend, AttentionMetadata
+from engine.distributed.shard import Shard
 from engine.models.moe import SparseMoE
 from engine.models.rotary import apply_rotary
+from engine.models.tp_rules import column_parallel, row_parallel
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "silu": F.silu,
@@ -70,16 +72,26 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, spec: LayerSpec, backend: AttentionBackend) -> None:
+    """This rank's heads (all of them on one rank): q/k/v column-parallel, o_proj
+    row-parallel with one all-reduce after it."""
+
+    def __init__(self, spec: LayerSpec, backend: AttentionBackend, shard: Shard) -> None:
         super().__init__()
-        self.num_heads = spec.num_heads
-        self.num_kv_heads = spec.num_kv_heads
-        self.head_dim = spec.head_dim
-        self.q_size = spec.num_heads * spec.head_dim
-        self.kv_size = spec.num_kv_heads * spec.head_dim
+        q_heads, kv_heads = shard.heads(spec.num_heads, spec.num_kv_heads)
+        self.num_heads = len(q_heads)
+        self.num_kv_heads = len(kv_heads)
+        self.head_dim = d = spec.head_dim
+        self.q_size = self.num_heads * d
+        self.kv_size = self.num_kv_heads * d
         self.qkv_proj = nn.Linear(spec.hidden_size, self.q_size + 2 * self.kv_size,
                                   bias=spec.qkv_bias)
         self.o_proj = nn.Linear(self.q_size, spec.hidden_size, bias=spec.o_bias)
+        if shard.size > 1:
+            rows = (_rows(q_heads, d), _rows(kv_heads, d), _rows(kv_heads, d))
+            sizes = (spec.num_heads * d, spec.num_kv_heads * d, spec.num_kv_heads * d)
+            column_parallel(self.qkv_proj, list(zip(sizes, rows, strict=True)))
+            row_parallel(self.o_proj, _rows(q_heads, d), shard.rank)
+        self.shard = shard
         if spec.qk_norm:
             self.q_norm = RMSNorm(spec.head_dim, spec.eps, spec.unit_offset_norms)
             self.k_norm = RMSNorm(spec.head_dim, spec.eps, spec.unit_offset_norms)
@@ -110,22 +122,35 @@ class Attention(nn.Module):
         o = self.backend.attend(q, k, v, self.k_cache, self.v_cache, meta, self.scale,
                                 window=self.window, softcap=self.softcap,
                                 k_scale=self.k_scale, v_scale=self.v_scale)
-        return self.o_proj(o.reshape(-1, self.q_size))
+        return self.shard.all_reduce(self.o_proj(o.reshape(-1, self.q_size)))
+
+
+def _rows(heads: range, head_dim: int) -> range:
+    return range(heads.start * head_dim, heads.stop * head_dim)
 
 
 class GatedMLP(nn.Module):
-    def __init__(self, hidden_size: int, intermediate_size: int, activation: str) -> None:
+    """This rank's columns of the intermediate size: gate/up column-parallel, down_proj
+    row-parallel with one all-reduce after it."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, activation: str,
+                 shard: Shard) -> None:
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ValueError(f"unsupported activation {activation!r}; pagedq supports "
                              f"{', '.join(ACTIVATIONS)}")
-        self.gate_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        part = shard.part(intermediate_size)
+        self.gate_up_proj = nn.Linear(hidden_size, 2 * len(part), bias=False)
+        self.down_proj = nn.Linear(len(part), hidden_size, bias=False)
+        if shard.size > 1:
+            column_parallel(self.gate_up_proj, [(intermediate_size, part)] * 2)
+            row_parallel(self.down_proj, part, shard.rank)
         self.act = ACTIVATIONS[activation]
+        self.shard = shard
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(self.act(gate) * up)
+        return self.shard.all_reduce(self.down_proj(self.act(gate) * up))
 
 
 class DecoderLayer(nn.Module):
@@ -133,15 +158,16 @@ class DecoderLayer(nn.Module):
     checkpoints': Llama's post_attention_layernorm feeds the MLP, Gemma's (sandwich
     norms) normalises the attention output and pre/post_feedforward_layernorm wrap the MLP."""
 
-    def __init__(self, spec: LayerSpec, backend: AttentionBackend) -> None:
+    def __init__(self, spec: LayerSpec, backend: AttentionBackend, shard: Shard) -> None:
         super().__init__()
         norm = partial(RMSNorm, spec.hidden_size, spec.eps, spec.unit_offset_norms)
-        self.self_attn = Attention(spec, backend)
+        self.self_attn = Attention(spec, backend, shard)
         if spec.num_experts:
             self.mlp = SparseMoE(spec.hidden_size, spec.intermediate_size, spec.num_experts,
-                                 spec.top_k, spec.renormalize)
+                                 spec.top_k, spec.renormalize, shard)
         else:
-            self.mlp = GatedMLP(spec.hidden_size, spec.intermediate_size, spec.activation)
+            self.mlp = GatedMLP(spec.hidden_size, spec.intermediate_size, spec.activation,
+                                shard)
         self.input_layernorm = norm()
         self.post_attention_layernorm = norm()
         self.sandwich_norms = spec.sandwich_norms

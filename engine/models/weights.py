@@ -11,6 +11,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from engine.models.tp_rules import shard_piece
+
 # Checkpoint projections folded into the fused ones: name -> (fused name, shard index).
 PACKED = {
     "q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
@@ -65,26 +67,29 @@ class WeightLoader:
 
     def _add_shard(self, target: str, per_expert: int, key: tuple[int, int],
                    tensor: torch.Tensor) -> None:
-        """Keep a shard until its parameter has all of them, then assemble it: shards
-        concatenated along the output rows, experts (a 3-D parameter) stacked."""
-        shards = self.shards.setdefault(target, {})
-        shards[key] = tensor
+        """Keep a shard (this rank's part of it) until its parameter has all of them,
+        then assemble it: shards concatenated along the output rows, experts (a 3-D
+        parameter) stacked."""
         param = self.params.get(target)
         if param is None:
             raise ValueError(f"unexpected weight {target!r} in checkpoint")
+        shards = self.shards.setdefault(target, {})
+        shards[key] = shard_piece(param, key[1], tensor)
         num_experts = param.shape[0] if param.dim() == 3 else 1
         if len(shards) < num_experts * per_expert:
             return
         dim = getattr(param, "output_dim", 0)
         rows = [torch.cat([shards[(e, s)] for s in range(per_expert)], dim=dim)
                 for e in range(num_experts)]
-        self._copy(target, torch.stack(rows) if param.dim() == 3 else rows[0])
+        self._copy(target, torch.stack(rows) if param.dim() == 3 else rows[0], whole=False)
         del self.shards[target]
 
-    def _copy(self, name: str, tensor: torch.Tensor) -> None:
+    def _copy(self, name: str, tensor: torch.Tensor, whole: bool = True) -> None:
         param = self.params.get(name)
         if param is None:
             raise ValueError(f"unexpected weight {name!r} in checkpoint")
+        if whole:  # as the checkpoint has it, not yet cut to this rank's part
+            tensor = shard_piece(param, None, tensor)
         if param.shape != tensor.shape:
             raise ValueError(f"weight {name!r} has shape {tuple(tensor.shape)}, "
                              f"expected {tuple(param.shape)}")

@@ -11,6 +11,7 @@ import random
 import traceback
 from dataclasses import dataclass, field
 
+import numpy as np
 import pytest
 import torch
 
@@ -154,25 +155,27 @@ def _rebuild(scheduled: list[ScheduledSeq], bs: int) -> Reference:
 
 
 def _check(inp: ModelInput, ref: Reference) -> None:
-    meta = inp.meta
-    assert inp.input_ids.tolist() == ref.input_ids
-    assert inp.positions.tolist() == ref.positions
-    assert meta.slot_mapping.tolist() == ref.slots
-    assert meta.seq_lens.tolist() == ref.seq_lens
-    assert meta.query_start_loc.tolist() == ref.query_start_loc
-    assert (meta.slot_mapping.dtype, meta.block_tables.dtype, meta.seq_lens.dtype,
-            meta.query_start_loc.dtype) == (torch.int64, torch.int32, torch.int32, torch.int32)
+    a = inp.arrays
+    assert a.input_ids.tolist() == ref.input_ids
+    assert a.positions.tolist() == ref.positions
+    assert a.slot_mapping.tolist() == ref.slots
+    assert a.seq_lens.tolist() == ref.seq_lens
+    assert a.query_start_loc.tolist() == ref.query_start_loc
+    assert (a.slot_mapping.dtype, a.block_tables.dtype, a.seq_lens.dtype,
+            a.query_start_loc.dtype) == (np.int64, np.int32, np.int32, np.int32)
     width = -(-max(ref.seq_lens) // BLOCK_SIZE)
-    assert tuple(meta.block_tables.shape) == (len(ref.tables), width)
-    got = meta.block_tables.tolist()
+    assert tuple(a.block_tables.shape) == (len(ref.tables), width)
+    got = a.block_tables.tolist()
     assert [row[:len(t)] for row, t in zip(got, ref.tables, strict=True)] == ref.tables
-    assert inp.logits_indices.tolist() == ref.logits_indices
+    # None: every row is one token that samples, in order.
+    indices = (list(range(len(ref.input_ids))) if a.logits_indices is None
+               else a.logits_indices.tolist())
+    assert indices == ref.logits_indices
     assert [id(e) for e in inp.sampled] == [id(e) for e in ref.sampled]
-    assert meta.num_decodes == ref.num_decodes
-    assert meta.max_query_len == max(ref.query_lens)
-    assert meta.max_seq_len == max(ref.seq_lens)
-    assert list(meta.seq_lens_cpu) == ref.seq_lens
-    assert list(meta.query_lens_cpu) == ref.query_lens
+    assert a.num_decodes == ref.num_decodes
+    assert a.max_query_len == max(ref.query_lens)
+    assert list(a.seq_lens_cpu) == ref.seq_lens
+    assert list(a.query_lens_cpu) == ref.query_lens
 
 
 @dataclass(slots=True)
