@@ -1,5 +1,5 @@
-"""Triton kernels for the paged KV cache and mixtures of experts, with plain-torch
-references in `reference`.
+"""Triton kernels for the paged KV cache, mixtures of experts and quantized GEMMs,
+with plain-torch references in `reference`.
 
 The package knows nothing of the engine: tensors in, tensors out. Names are
 imported on first use, so that the torch backend, which needs only the plain-torch
@@ -12,18 +12,24 @@ from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
 _HOMES = {
+    "awq_gemm": "kernels.quant_gemm",
     "copy_blocks": "kernels.copy_blocks",
     "fused_moe": "kernels.fused_moe",
     "fused_moe_torch": "kernels.moe_torch",
+    "gptq_gemm": "kernels.quant_gemm",
+    "int8_gemm": "kernels.quant_gemm",
     "paged_attention": "kernels.paged_attention",
     "store_kv": "kernels.store_kv",
     "swap_blocks": "kernels.swap",
 }
 
 __all__ = [
+    "awq_gemm",
     "copy_blocks",
     "fused_moe",
     "fused_moe_torch",
+    "gptq_gemm",
+    "int8_gemm",
     "paged_attention",
     "store_kv",
     "swap_blocks",
@@ -34,6 +40,7 @@ if TYPE_CHECKING:
     from kernels.fused_moe import fused_moe
     from kernels.moe_torch import fused_moe_torch
     from kernels.paged_attention import paged_attention
+    from kernels.quant_gemm import awq_gemm, gptq_gemm, int8_gemm
     from kernels.store_kv import store_kv
     from kernels.swap import swap_blocks
 

@@ -1,4 +1,5 @@
-"""Plain-torch references of the kernels: KV cache, paged attention, mixture of experts.
+"""Plain-torch references of the kernels: KV cache, paged attention, mixture of experts,
+quantized GEMMs.
 
 They are written for clarity, not speed (per-sequence loops, float64 maths) and
 define what the Triton kernels must compute; the kernel tests compare against
@@ -128,3 +129,68 @@ def fused_moe(
         y = (torch.nn.functional.silu(gate) * up) @ w2[expert].double().T
         out.index_add_(0, tokens, y * topk_weights[tokens, slots, None].double())
     return out.to(hidden.dtype)
+
+
+def int8_gemm(x: Tensor, weight: Tensor, scale: Tensor) -> Tensor:
+    """x @ (weight * scale[:, None]).T for an int8 weight [N, K] and per-row scale [N],
+    in float64; returned in x's dtype."""
+    w = weight.double() * scale.double()[:, None]
+    return (x.double() @ w.T).to(x.dtype)
+
+
+def _unpack_int4(packed: Tensor, order: tuple[int, ...]) -> Tensor:
+    """[R, C] int32 -> [R, 8 C]: the j-th 4-bit value of each int32 (bits 4j..4j+3)
+    lands in column `order[j]` of its 8."""
+    position = [order.index(c) for c in range(8)]
+    shifts = torch.tensor(position, device=packed.device, dtype=torch.int32) * 4
+    return ((packed[..., None] >> shifts) & 0xF).reshape(packed.shape[0], -1)
+
+
+_AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
+_SEQUENTIAL = tuple(range(8))
+
+
+def _ungroup(q: Tensor, z: Tensor, scales: Tensor, group_size: int,
+             g_idx: Tensor | None) -> Tensor:
+    """(q[k] - z[g]) * scales[g] in float32 for each input row k of q [K, N], g its group:
+    g_idx[k], or k // group_size (then whole groups are views, not gathers)."""
+    if g_idx is None and q.shape[0] % group_size == 0:
+        rows = q.view(-1, group_size, q.shape[1])
+        return ((rows - z[:, None]).float() * scales[:, None].float()).view(q.shape)
+    groups = (torch.arange(q.shape[0], device=q.device) // group_size if g_idx is None
+              else g_idx.long())
+    return (q - z[groups]).float() * scales[groups].float()
+
+
+def dequantize_awq(qweight: Tensor, qzeros: Tensor, scales: Tensor, group_size: int) -> Tensor:
+    """W [K, N] float32 from AWQ's qweight [K, N / 8], qzeros [G, N / 8] (both packed
+    along the outputs in the order 0, 2, 4, 6, 1, 3, 5, 7), scales [G, N]:
+    W[k, n] = (q[k, n] - z[g, n]) * s[g, n] with g = k // group_size."""
+    q = _unpack_int4(qweight, _AWQ_ORDER)
+    return _ungroup(q, _unpack_int4(qzeros, _AWQ_ORDER), scales, group_size, None)
+
+
+def dequantize_gptq(qweight: Tensor, qzeros: Tensor, scales: Tensor, group_size: int,
+                    zero_offset: int = 1, g_idx: Tensor | None = None) -> Tensor:
+    """W [K, N] float32 from GPTQ's qweight [K / 8, N] (8 consecutive inputs an int32),
+    qzeros [G, N / 8] (8 consecutive outputs), scales [G, N]:
+    W[k, n] = (q[k, n] - (z[g, n] + zero_offset)) * s[g, n] with g = g_idx[k] (act-order
+    checkpoints) or k // group_size; the "gptq" format stores zero points minus one
+    (zero_offset 1)."""
+    q = _unpack_int4(qweight.T.contiguous(), _SEQUENTIAL).T
+    z = _unpack_int4(qzeros, _SEQUENTIAL) + zero_offset
+    return _ungroup(q, z, scales, group_size, g_idx)
+
+
+def awq_gemm(x: Tensor, qweight: Tensor, qzeros: Tensor, scales: Tensor,
+             group_size: int) -> Tensor:
+    """x @ W with W dequantized (`dequantize_awq`) and rounded to x's dtype, in float64."""
+    w = dequantize_awq(qweight, qzeros, scales, group_size).to(x.dtype)
+    return (x.double() @ w.double()).to(x.dtype)
+
+
+def gptq_gemm(x: Tensor, qweight: Tensor, qzeros: Tensor, scales: Tensor, group_size: int,
+              zero_offset: int = 1, g_idx: Tensor | None = None) -> Tensor:
+    """x @ W with W dequantized (`dequantize_gptq`) and rounded to x's dtype, in float64."""
+    w = dequantize_gptq(qweight, qzeros, scales, group_size, zero_offset, g_idx).to(x.dtype)
+    return (x.double() @ w.double()).to(x.dtype)
