@@ -242,6 +242,8 @@ class EngineService:
             self._close_down(EngineFailure(f"the engine loop died: {exc!r}"))
             if self._on_death is not None:
                 self._on_death()
+        finally:
+            self._engine.shutdown()
 
     def _drain(self, block: bool) -> None:
         """Apply every waiting command, first waiting a while for one if `block`."""
@@ -316,6 +318,7 @@ class EngineService:
         except Exception as exc:
             log.exception("engine step failed; rebuilding the engine")
             self._fail_all(EngineFailure(f"engine step failed: {exc!r}"))
+            self._engine.shutdown()  # its tensor-parallel ranks, before new ones start
             self._engine = self._build()
             return
         for output in outputs:

@@ -38,9 +38,16 @@ def test_services_and_dependencies(compose):
         assert services[name]["healthcheck"]["test"], name
 
 
-def test_worker_reserves_a_gpu(compose):
-    devices = compose["services"]["worker"]["deploy"]["resources"]["reservations"]["devices"]
+def test_worker_reserves_its_tensor_parallel_gpus(compose):
+    worker = compose["services"]["worker"]
+    devices = worker["deploy"]["resources"]["reservations"]["devices"]
     assert devices[0]["capabilities"] == ["gpu"]
+    # One engine rank per reserved GPU, and the value a valid engine setting.
+    tp = worker["environment"]["PAGEDQ_TENSOR_PARALLEL_SIZE"]
+    assert devices[0]["count"] == int(tp) == 2
+    from worker.settings import Settings
+
+    assert Settings(tensor_parallel_size=tp).tensor_parallel_size == 2
 
 
 def test_worker_gateway_and_flower_share_the_settings(compose):

@@ -84,9 +84,13 @@ class ExplodingEngine:
 
     def __init__(self):
         self.requests = set()
+        self.shut_down = False
 
     def get_tokenizer(self):
         return None
+
+    def shutdown(self):
+        self.shut_down = True
 
     def add_request(self, request_id, *args, **kwargs):
         self.requests.add(request_id)
@@ -106,10 +110,14 @@ class ExplodingEngine:
 def test_engine_failure_fails_jobs_instead_of_hanging_them():
     from worker.engine_service import EngineFailure
 
-    engines = iter([ExplodingEngine()])  # the rebuild after the failure fails too
+    exploding = ExplodingEngine()
+    engines = iter([exploding])  # the rebuild after the failure fails too
     service = EngineService(lambda: next(engines))
     service.start()
     with pytest.raises(EngineFailure, match="device lost"):
         service.submit("doomed", 1, [1, 2], params()).result(timeout=10)
     with pytest.raises(EngineFailure):
         service.submit("later", 1, [1, 2], params()).result(timeout=10)
+    # The failed engine was shut down (a tensor-parallel one's ranks stopped) before the
+    # rebuild was tried.
+    assert exploding.shut_down
