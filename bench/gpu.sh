@@ -2,8 +2,8 @@
 # The GPU check in one run (a few minutes on an H100/H200): CUDA greedy parity with
 # Transformers, the seed's table and the 256-request throughput workload on SmolLM2's
 # shape and on a ~1B Llama (random weights, bf16), the engine's per-step overhead, the
-# decode-attention kernels, then parity of every model family (windows, soft-caps, the
-# Triton fused MoE).
+# decode-attention kernels, quantized weights and the fp8 KV cache (bench/quant.py), then
+# parity of every model family (windows, soft-caps, the Triton fused MoE).
 #   bash bench/gpu.sh [OUTDIR]      results and logs under OUTDIR (default out/gpu)
 #   bash bench/gpu.sh --dry-run     the same steps at toy sizes, on whatever device is here
 #   SHAPES="qwen3-1b mixtral-small" bash bench/gpu.sh   other models' throughput
@@ -40,6 +40,13 @@ for shape in ${SHAPES:-smollm2 llama-1b}; do
     step "throughput-$shape" 240 "$py" bench/throughput.py --random-model "$shape" --repeats 1 \
         --dtype bfloat16 "${sweep[@]}" "${quick[@]}" --out "$out/throughput-$shape.md"
 done
+# Issue 16: bf16 vs fp8/int8 weights vs an fp8 KV cache (and TP=2 on two GPUs) on a ~1B
+# Qwen3, and the quantized GEMM kernels against bf16 at decode batch sizes.
+if [ $dry = 1 ]; then
+    step quant 120 "$py" bench/quant.py --random-model tiny --quick --out "$out/quant.md"
+else
+    step quant 240 "$py" bench/quant.py --random-model qwen3-1b --out "$out/quant.md"
+fi
 step step-overhead 90 "$py" bench/step_overhead.py --device "${DEVICE:-auto}" "${quick[@]}" \
     --out "$out/step-overhead.txt"
 if [ $dry = 0 ] && [ "${KERNELS:-0}" = 1 ]; then
