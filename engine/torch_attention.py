@@ -10,6 +10,11 @@ kernel, several times slower than the flash kernel.
 Under a sliding window w a token at position p sees keys p-w+1 .. p: decodes and
 chunks gather only the keys their windows show (blocks left of them may have been
 freed). SDPA has no soft-cap: soft-capped layers run eager attention instead.
+
+A float8 cache holds K / k_scale and V / v_scale, saturated at +-448; what a layer
+gathers from it is turned back into the query's dtype (float32, times the scale).
+Whole prompts then read their K/V from the cache too, as the Triton kernel does, so
+that both backends attend to the same rounded values.
 """
 
 from dataclasses import dataclass
@@ -25,6 +30,8 @@ MAX_PADDING = 0.25
 # And a group gathers at most this many slots, so its K/V stay in the CPU's cache
 # between the gather and the attention that reads them.
 MAX_GROUP_SLOTS = 8192
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0  # the largest finite e4m3 value: larger entries saturate, not become NaN
 
 
 @dataclass(slots=True)
@@ -119,6 +126,10 @@ class TorchBackend(AttentionBackend):
     def store_kv(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                  v_cache: torch.Tensor, slot_mapping: torch.Tensor, k_scale: float = 1.0,
                  v_scale: float = 1.0) -> None:
+        if k_cache.dtype == FP8:  # index_copy_ has no float8 kernel: write the bytes
+            k = quantize_fp8(k, k_scale).view(torch.uint8)
+            v = quantize_fp8(v, v_scale).view(torch.uint8)
+            k_cache, v_cache = k_cache.view(torch.uint8), v_cache.view(torch.uint8)
         k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k)
         v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v)
 
@@ -127,17 +138,19 @@ class TorchBackend(AttentionBackend):
                scale: float, window: int | None = None,
                softcap: float | None = None, k_scale: float = 1.0,
                v_scale: float = 1.0) -> torch.Tensor:
-        d = meta.num_decodes
+        d, kv_scales = meta.num_decodes, (k_scale, v_scale)
         if d == len(meta.seq_lens_cpu):
-            return self._decode(q, k_cache, v_cache, scale, window, softcap)
+            return self._decode(q, k_cache, v_cache, scale, window, softcap, kv_scales)
         out = torch.empty_like(q)
         if d:
-            out[:d] = self._decode(q[:d], k_cache, v_cache, scale, window, softcap)
+            out[:d] = self._decode(q[:d], k_cache, v_cache, scale, window, softcap, kv_scales)
         start = d
         for i in range(d, len(meta.seq_lens_cpu)):
             q_len, ctx = meta.query_lens_cpu[i], meta.seq_lens_cpu[i]
             rows = slice(start, start + q_len)
-            if q_len == ctx:  # a whole prompt: its K/V are this step's own
+            # A whole prompt attends to the K/V it has just computed (unless they were
+            # rounded to float8 on the way into the cache).
+            if q_len == ctx and k_cache.dtype != FP8:
                 out[rows] = _attend(q[rows], k[rows], v[rows], scale, window, softcap)
             else:
                 # From the block of the lowest key the chunk's first token sees.
@@ -145,12 +158,15 @@ class TorchBackend(AttentionBackend):
                 first = lowest // self.block_size
                 table = meta.block_tables[i, first:-(-ctx // self.block_size)].long()
                 num_keys = ctx - first * self.block_size
-                out[rows] = _attend(q[rows], _gather(k_cache, table, num_keys),
-                                    _gather(v_cache, table, num_keys), scale, window, softcap)
+                k_ctx = _gather(k_cache, table, num_keys, k_scale, q.dtype)
+                v_ctx = _gather(v_cache, table, num_keys, v_scale, q.dtype)
+                out[rows] = _attend(q[rows], k_ctx, v_ctx, scale, window, softcap)
             start += q_len
         return out
 
     def copy_blocks(self, kv_cache: torch.Tensor, pairs: torch.Tensor) -> None:
+        if kv_cache.dtype == FP8:  # a copy moves bits; not every device indexes float8
+            kv_cache = kv_cache.view(torch.uint8)
         kv_cache[:, :, pairs[:, 1]] = kv_cache[:, :, pairs[:, 0]]
 
     def swap_blocks(self, src_cache: torch.Tensor, dst_cache: torch.Tensor,
@@ -158,32 +174,48 @@ class TorchBackend(AttentionBackend):
         kernels.swap_blocks(src_cache, dst_cache, pairs)  # plain torch, no Triton
 
     def _decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                scale: float, window: int | None, softcap: float | None) -> torch.Tensor:
+                scale: float, window: int | None, softcap: float | None,
+                kv_scales: tuple[float, float]) -> torch.Tensor:
         groups = self.decode_groups(window)
         if groups[0].rows is None:  # one group, in batch order
-            return _attend_decodes(q, k_cache, v_cache, groups[0], scale, softcap)
+            return _attend_decodes(q, k_cache, v_cache, groups[0], scale, softcap, kv_scales)
         out = torch.empty_like(q)
         for group in groups:
             out.index_copy_(0, group.rows, _attend_decodes(
-                q.index_select(0, group.rows), k_cache, v_cache, group, scale, softcap))
+                q.index_select(0, group.rows), k_cache, v_cache, group, scale, softcap,
+                kv_scales))
         return out
 
 
+def quantize_fp8(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """x / scale in float32, saturated at +-448, rounded to float8 e4m3 (to nearest even)."""
+    return (x.float() / scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8)
+
+
+def _dequantize(x: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """Entries gathered from a cache, in the query's dtype: float8 ones times their scale."""
+    return x if x.dtype != FP8 else (x.float() * scale).to(dtype)
+
+
 def _attend_decodes(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    group: DecodeGroup, scale: float, softcap: float | None) -> torch.Tensor:
+                    group: DecodeGroup, scale: float, softcap: float | None,
+                    kv_scales: tuple[float, float]) -> torch.Tensor:
     """One decode group's queries [n, h, hd] over the slots it gathers."""
     n, (kvh, hd) = group.num_seqs, k_cache.shape[2:]
-    k = k_cache.flatten(0, 1).index_select(0, group.slots).view(n, -1, kvh, hd)
-    v = v_cache.flatten(0, 1).index_select(0, group.slots).view(n, -1, kvh, hd)
+    k = _dequantize(k_cache.flatten(0, 1).index_select(0, group.slots), kv_scales[0], q.dtype)
+    v = _dequantize(v_cache.flatten(0, 1).index_select(0, group.slots), kv_scales[1], q.dtype)
+    k, v = k.view(n, -1, kvh, hd), v.view(n, -1, kvh, hd)
     # One query token per sequence: the heads sharing a KV head become its rows.
     out = _sdpa(q.view(n, kvh, -1, hd), k.transpose(1, 2), v.transpose(1, 2), group.mask,
                 scale, softcap)
     return out.reshape(q.shape)
 
 
-def _gather(cache: torch.Tensor, block_table: torch.Tensor, num_keys: int) -> torch.Tensor:
-    """The first `num_keys` tokens of these blocks, [num_keys, num_kv_heads, head_dim]."""
-    return cache.index_select(0, block_table).flatten(0, 1)[:num_keys]
+def _gather(cache: torch.Tensor, block_table: torch.Tensor, num_keys: int, scale: float,
+            dtype: torch.dtype) -> torch.Tensor:
+    """The first `num_keys` tokens of these blocks, [num_keys, num_kv_heads, head_dim],
+    in the query's `dtype`."""
+    return _dequantize(cache.index_select(0, block_table).flatten(0, 1)[:num_keys], scale, dtype)
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,

@@ -22,7 +22,7 @@ class TritonBackend(AttentionBackend):
     def store_kv(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                  v_cache: torch.Tensor, slot_mapping: torch.Tensor, k_scale: float = 1.0,
                  v_scale: float = 1.0) -> None:
-        kernels.store_kv(k, v, k_cache, v_cache, slot_mapping)
+        kernels.store_kv(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
@@ -30,12 +30,13 @@ class TritonBackend(AttentionBackend):
                softcap: float | None = None, k_scale: float = 1.0,
                v_scale: float = 1.0) -> torch.Tensor:
         # The step's k and v were stored first: the kernel reads them from the cache.
-        # window and softcap are the layer's constants: under a CUDA graph they are
-        # captured as the launch's scalar arguments and compiled variant, as scale is.
+        # window, softcap and the KV scales are the layer's constants: under a CUDA graph
+        # they are captured as the launch's scalar arguments and compiled variant, as
+        # scale is.
         return kernels.paged_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens,
                                        meta.query_start_loc, meta.max_query_len,
                                        meta.max_seq_len, scale, window=window,
-                                       softcap=softcap)
+                                       softcap=softcap, k_scale=k_scale, v_scale=v_scale)
 
     def copy_blocks(self, kv_cache: torch.Tensor, pairs: torch.Tensor) -> None:
         kernels.copy_blocks(kv_cache, pairs)

@@ -1,5 +1,6 @@
 """Block copies inside one KV pool (copy-on-write)."""
 
+import torch
 import triton
 import triton.language as tl
 from torch import Tensor
@@ -34,7 +35,10 @@ def _copy_blocks_kernel(
 
 
 def _planes(cache: Tensor) -> Tensor:
-    """View [num_layers, 2, num_blocks, *block] as [num_layers * 2, num_blocks, block_numel]."""
+    """View [num_layers, 2, num_blocks, *block] as [num_layers * 2, num_blocks, block_numel],
+    a float8 pool as its bytes (a copy moves bits; GPUs before sm89 have no float8 type)."""
+    if cache.dtype == torch.float8_e4m3fn:
+        cache = cache.view(torch.uint8)
     num_layers, two, num_blocks = cache.shape[:3]
     return cache.view(num_layers * two, num_blocks, -1)
 

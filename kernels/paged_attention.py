@@ -18,6 +18,10 @@ the lowest key its first token sees: blocks wholly left of the window are neithe
 read nor looked up (the engine may have freed them), and the rest of the window is
 masked inside the tiles. A soft-cap c turns scaled scores s into c * tanh(s / c)
 before the mask (Gemma 2).
+
+A float8 cache (kv_cache_dtype "fp8") holds K / k_scale and V / v_scale: tiles are
+converted on load to the query's dtype for tl.dot, k_scale joins the softmax scale
+and v_scale multiplies the output, so the kernel reads half the bytes of bf16.
 """
 
 import os
@@ -66,6 +70,7 @@ def _attention_kernel(
     part_out_ptr,
     part_lse_ptr,
     qk_scale,
+    v_scale,
     softcap_log2,
     window,
     num_seqs,
@@ -92,6 +97,7 @@ def _attention_kernel(
     ONE_BLOCK_PER_SEQ: tl.constexpr,
     HAS_WINDOW: tl.constexpr,
     SOFTCAP: tl.constexpr,
+    FP8_KV: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -187,6 +193,8 @@ def _attention_kernel(
     has_keys = l_i > 0.0
     l_safe = tl.where(has_keys, l_i, 1.0)
     acc = acc / l_safe[:, None]
+    if FP8_KV:
+        acc = acc * v_scale
     if NUM_SPLITS == 1:
         o_rows = (q_start + tok) * stride_o_tok + head * stride_o_head
         tl.store(
@@ -256,6 +264,8 @@ def paged_attention(
     window: int | None = None,
     softcap: float | None = None,
     num_splits: int | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> Tensor:
     """Causal attention of each sequence's new tokens over its paged KV context.
 
@@ -267,12 +277,14 @@ def paged_attention(
     sees keys p-w+1 .. p only, and block-table entries of blocks wholly left of
     every new token's window are never read. `softcap` c: scaled scores s become
     c * tanh(s / c) before masking and softmax. `num_splits` forces the split count
-    of decode batches (tests); by default it follows the grid size.
+    of decode batches (tests); by default it follows the grid size. Caches of
+    torch.float8_e4m3fn hold K / k_scale and V / v_scale: their entries count as
+    cache.float() * scale; caches of any other dtype ignore the scales.
     Returns `out` (new, in query's dtype, unless given; it may be `query` itself).
 
     Everything that shapes the launch (grid, splits, compiled variant) comes from
-    the host-side ints and the flags window/softcap is None, never from device
-    tensors, and `window`, `softcap` and `scale` enter as plain scalar arguments:
+    the host-side ints, the flags window/softcap is None and the caches' dtype, never
+    from device tensors, and `window`, `softcap` and the scales enter as plain scalars:
     a CUDA graph captured for one layer replays it with new metadata contents.
     """
     num_tokens, num_heads, head_dim = query.shape
@@ -302,7 +314,11 @@ def paged_attention(
     if launch.num_splits > 1:
         part_lse = query.new_empty((num_tokens, num_heads, launch.num_splits), dtype=torch.float32)
         part_out = part_lse.new_empty((*part_lse.shape, block_d))
-    dot_dtype = _DOT_DTYPES[k_cache.dtype]
+    fp8 = k_cache.dtype == torch.float8_e4m3fn
+    # Float8 tiles go into tl.dot in the query's dtype (every e4m3 value is exact there).
+    dot_dtype = _DOT_DTYPES[query.dtype if fp8 else k_cache.dtype]
+    if fp8:  # q . (k * k_scale) * scale = q . k * (scale * k_scale)
+        scale *= k_scale
     if _INTERPRETED and dot_dtype == tl.bfloat16:
         dot_dtype = tl.float32
     # Float32 caches get true float32 products, not the tensor cores' tf32.
@@ -316,7 +332,7 @@ def paged_attention(
     _attention_kernel[(launch.num_q_blocks, num_kv_heads, launch.num_splits)](
         out, query, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
         part_out, part_lse,
-        qk_scale, softcap_log2, window or 0, num_seqs,
+        qk_scale, v_scale, softcap_log2, window or 0, num_seqs,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
@@ -325,7 +341,7 @@ def paged_attention(
         BLOCK_SIZE=block_size, BLOCK_M=launch.block_m, BLOCK_Q=launch.block_m // group,
         TILE_N=launch.shape.tile_n(block_d), NUM_SPLITS=launch.num_splits,
         ONE_BLOCK_PER_SEQ=launch.one_block_per_seq, HAS_WINDOW=window is not None,
-        SOFTCAP=softcap is not None, DOT_DTYPE=dot_dtype, DOT_PRECISION=precision,
+        SOFTCAP=softcap is not None, FP8_KV=fp8, DOT_DTYPE=dot_dtype, DOT_PRECISION=precision,
         num_warps=launch.shape.num_warps, num_stages=launch.shape.num_stages,
     )  # fmt: skip
     if launch.num_splits > 1:

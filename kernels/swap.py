@@ -1,6 +1,7 @@
 """Block moves between pools on different devices (swapping): plain torch, no Triton,
 so that the torch backend can swap where Triton is not installed."""
 
+import torch
 from torch import Tensor
 
 
@@ -14,6 +15,8 @@ def swap_blocks(src_cache: Tensor, dst_cache: Tensor, block_mapping: Tensor) -> 
     """
     if block_mapping.numel() == 0:
         return
+    if src_cache.dtype == torch.float8_e4m3fn:  # index_copy_ has no float8 kernel: move bytes
+        src_cache, dst_cache = src_cache.view(torch.uint8), dst_cache.view(torch.uint8)
     mapping = block_mapping.cpu()
     src_idx = mapping[:, 0].to(src_cache.device)
     dst_idx = mapping[:, 1].to(dst_cache.device)
