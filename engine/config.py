@@ -51,6 +51,9 @@ class EngineConfig:
     quantization: str | None = None     # None: as the checkpoint's quantization_config says
     kv_cache_dtype: KVCacheDtype = "auto"  # "fp8": K/V stored as float8 e4m3
     tensor_parallel_size: int = 1
+    # A request that has waited (queued or preempted) this many seconds moves up one
+    # priority level, so that a flood of more important work cannot starve it; None: never.
+    priority_aging_s: float | None = 300.0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -95,6 +98,9 @@ class EngineConfig:
         if self.tensor_parallel_size > 1 and self.device.startswith("cuda:"):
             raise ValueError("tensor_parallel_size > 1 places rank r on cuda:r: give device "
                              f"'auto' or 'cuda', got {self.device!r}")
+        if self.priority_aging_s is not None and not 0 < self.priority_aging_s < math.inf:
+            raise ValueError("priority_aging_s must be None or a positive number of seconds, "
+                             f"got {self.priority_aging_s}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(
                 f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"

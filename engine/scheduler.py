@@ -7,6 +7,12 @@ decodes share one step. When the device pool cannot hold the step, the least
 important running request is preempted: swapped to the CPU pool, or, when that
 is full or `preemption_mode="recompute"`, freed and requeued for recompute.
 
+Importance (`engine/importance.py`) is the priority, lower first, aged by waiting, then
+arrival. A queued request more important than a running
+one is not kept out by it: when it would not fit, the less important running requests
+are preempted to make room, and swapped and waiting requests come back most
+important first, whichever queue they are in.
+
 The scheduler owns the block manager: it is the one to give sequences blocks, fork
 them (samples, beams) and free them, and it applies each step's tokens
 (`update_from_output`, in `engine/step_update.py`; the step's records are in
@@ -17,7 +23,9 @@ import time
 from collections import deque
 
 from engine.block_manager import BlockManager, CachedPrefix
+from engine.block_needs import BlockNeeds
 from engine.config import EngineConfig
+from engine.importance import Importance
 from engine.scheduler_output import ScheduledSeq, SchedulerOutput
 from engine.seq_factory import SequenceFactory
 from engine.sequence import Sequence, SequenceGroup, SequenceStatus
@@ -25,7 +33,7 @@ from engine.step_update import StepUpdates
 from engine.stop_checker import StopChecker
 
 
-class Scheduler(StepUpdates):
+class Scheduler(StepUpdates, BlockNeeds):
     def __init__(self, config: EngineConfig, num_device_blocks: int, num_cpu_blocks: int,
                  factory: SequenceFactory, stop_checker: StopChecker,
                  window: int | None = None) -> None:
@@ -35,6 +43,7 @@ class Scheduler(StepUpdates):
         self.bm = BlockManager(config.block_size, num_device_blocks, num_cpu_blocks,
                                config.enable_prefix_caching, config.share_blocks, window)
         self.factory = factory
+        self.importance = Importance(config.priority_aging_s)
         self.stop_checker = stop_checker
         self._fork_copies: list[tuple[int, int]] = []
         self.num_generated_tokens = 0
@@ -50,16 +59,8 @@ class Scheduler(StepUpdates):
     # ---- queues -------------------------------------------------------------
 
     def add(self, group: SequenceGroup) -> None:
-        self._enqueue(self.waiting, group)
+        self.importance.enqueue(self.waiting, group, time.time())
 
-    @staticmethod
-    def _enqueue(queue: deque[SequenceGroup], group: SequenceGroup) -> None:
-        """Insert in (priority, arrival) order; the common case appends at the tail."""
-        key = group.preemption_key
-        i = len(queue)
-        while i and queue[i - 1].preemption_key > key:
-            i -= 1
-        queue.insert(i, group)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running or self.swapped)
@@ -99,9 +100,12 @@ class Scheduler(StepUpdates):
         self._fork_copies = []
         budget = self.config.max_num_batched_tokens
         num_seqs = 0
+        now = time.time()
         if not self._running_sorted:
-            self.running.sort(key=lambda g: g.preemption_key)
+            self.running.sort(key=lambda g: self.importance.key(g, now))
             self._running_sorted = True
+        self._preempt_for_priority(out, now)
+        made_room = len(out.preempted)
         i = 0
         while i < len(self.running) and budget > 0:
             group = self.running[i]
@@ -112,11 +116,10 @@ class Scheduler(StepUpdates):
                 budget -= self._commit(group, plan, out)
                 num_seqs += len(plan)
             i += 1
-        # Resuming or admitting right after a preemption would only thrash.
-        if not out.preempted:
-            budget, num_seqs = self._resume_swapped(out, budget, num_seqs)
-            if not self.swapped:
-                self._admit_waiting(out, budget, num_seqs)
+        # Resuming or admitting right after a preemption for lack of room would thrash.
+        if len(out.preempted) == made_room:
+            budget, num_seqs = self._resume_swapped(out, budget, num_seqs, now)
+            self._admit_waiting(out, budget, num_seqs, now)
         out.changed_tables = self.bm.take_changed()
         return out
 
@@ -132,22 +135,6 @@ class Scheduler(StepUpdates):
                 return [(seqs[0], min(seqs[0].num_uncomputed_tokens - 1, budget))]
         takes = self._split_budget([s.num_uncomputed_tokens for s in seqs], budget)
         return [(seq, n) for seq, n in zip(seqs, takes, strict=True) if n > 0]
-
-    @staticmethod
-    def _split_budget(needs: list[int], budget: int) -> list[int]:
-        """Tokens each of a group's sequences computes this step, given what each needs."""
-        if sum(needs) <= budget:
-            return needs
-        if len(needs) == 1:
-            return [budget]
-        # Several sequences (samples or beams) must reach their last token in the same
-        # step to be sampled together, so a partial plan keeps one token back on each.
-        takes = []
-        for need in needs:
-            take = max(min(need - 1, budget), 0)
-            takes.append(take)
-            budget -= take
-        return takes
 
     def _recompute_shared(self, seqs: list[Sequence]) -> list[Sequence]:
         """Re-prefill a recomputed sample or beam group sharing what its sequences share.
@@ -224,7 +211,7 @@ class Scheduler(StepUpdates):
             group.metrics.num_swapped_out_blocks += len(mapping)
             for seq in seqs:
                 seq.status = SequenceStatus.SWAPPED
-            self.swapped.append(group)
+            self.importance.enqueue(self.swapped, group, time.time())
             return
         for seq in seqs:
             group.metrics.num_recomputed_tokens += seq.num_computed_tokens
@@ -235,12 +222,17 @@ class Scheduler(StepUpdates):
             self.bm.free(seq)
             seq.num_computed_tokens = 0
             seq.status = SequenceStatus.WAITING
-        self._enqueue(self.waiting, group)
+        self.importance.enqueue(self.waiting, group, time.time())
 
-    def _resume_swapped(self, out: SchedulerOutput, budget: int, num_seqs: int) -> tuple[int, int]:
-        """Bring swapped requests back, oldest first, as soon as their blocks fit."""
+    def _resume_swapped(self, out: SchedulerOutput, budget: int, num_seqs: int,
+                        now: float) -> tuple[int, int]:
+        """Bring swapped requests back, most important first, as soon as their blocks
+        fit, until a waiting request is more important than the next one."""
+        waiting = self._first_ready_waiting()
         while self.swapped and budget > 0:
             group = self.swapped[0]
+            if waiting is not None and self.importance.before(waiting, group, now):
+                break
             seqs = group.live_seqs()
             if num_seqs + len(seqs) > self.config.max_num_seqs:
                 break
@@ -254,6 +246,7 @@ class Scheduler(StepUpdates):
                     continue
                 break
             self.swapped.popleft()
+            self.importance.dequeued(group, now)
             mapping = self.bm.swap_in(group, out.blocks_to_swap_in)
             out.blocks_to_swap_in.update(mapping)
             self.num_swapped_in_blocks += len(mapping)
@@ -266,32 +259,16 @@ class Scheduler(StepUpdates):
             num_seqs += len(plan)
         return budget, num_seqs
 
-    def _swap_in_reserve(self, plan: list[tuple[Sequence, int]]) -> int:
-        """Blocks a resumed group needs beyond its own: new blocks for the step, and
-        k - 1 copies of a partly filled block that k of its sequences will write."""
-        bs = self.bm.block_size
-        new = sum(max(self.bm.blocks_for(s.num_computed_tokens + n) - len(s.block_table), 0)
-                  for s, n in plan)
-        written = [s.block_table[s.num_computed_tokens // bs] for s, _ in plan
-                   if s.num_computed_tokens % bs]
-        return new + len(written) - len(set(written))
-
-    def _min_blocks(self, group: SequenceGroup) -> int:
-        """The fewest blocks the group's sequences need: the prompt's full blocks once;
-        under a window, what one sequence holds at most once those behind it are freed."""
-        seqs = group.live_seqs()
-        if self.bm.window is not None:
-            held = self.bm.blocks_for(self.bm.window) + 1
-            return sum(min(self.bm.blocks_for(s.num_tokens), held) for s in seqs)
-        shared = group.seqs[0].prompt_len // self.bm.block_size if len(seqs) > 1 else 0
-        return shared + sum(self.bm.blocks_for(s.num_tokens) - shared for s in seqs)
-
-    def _admit_waiting(self, out: SchedulerOutput, budget: int, num_seqs: int) -> None:
-        """Admit waiting requests in order while they fit; one whose grammar is still
-        compiling keeps its place, and those behind it are admitted past it."""
+    def _admit_waiting(self, out: SchedulerOutput, budget: int, num_seqs: int,
+                       now: float) -> None:
+        """Admit waiting requests in order while they fit and no swapped request is more
+        important; one whose grammar is still compiling keeps its place, and those
+        behind it are admitted past it."""
         compiling: list[SequenceGroup] = []
         while self.waiting and budget > 0:
             group = self.waiting[0]
+            if self.swapped and self.importance.before(self.swapped[0], group, now):
+                break
             if group.grammar is not None and not group.grammar.ready:
                 compiling.append(self.waiting.popleft())
                 continue
@@ -318,6 +295,7 @@ class Scheduler(StepUpdates):
                     continue
                 break
             self.waiting.popleft()
+            self.importance.dequeued(group, now)
             self.bm.allocate_prefix(seqs[0], prefix)
             group.metrics.num_cached_tokens = max(group.metrics.num_cached_tokens,
                                                   prefix.num_tokens)
@@ -330,6 +308,46 @@ class Scheduler(StepUpdates):
             num_seqs += len(plan)
         self.waiting.extendleft(reversed(compiling))
         out.compiling = compiling
+
+    def _first_ready_waiting(self) -> SequenceGroup | None:
+        """The first waiting request that could start now (its grammar, if any, ready)."""
+        for group in self.waiting:
+            if group.grammar is None or group.grammar.ready:
+                return group
+        return None
+
+    def _preempt_for_priority(self, out: SchedulerOutput, now: float) -> None:
+        """The most important queued request would not fit, but less important ones run:
+        preempt those, least important first, until it fits (it starts this step or the
+        next). Only a lower priority value preempts (equals never churn each other), and
+        only a request it also outranks once aging is counted (a long-waited request is
+        not pushed back out); victims never preempt it back."""
+        candidates = [g for g in (self.swapped[0] if self.swapped else None,
+                                  self._first_ready_waiting()) if g is not None]
+        if not candidates:
+            return
+        group = min(candidates, key=lambda g: self.importance.key(g, now))
+        while self.running and not self._fits(group):
+            victim = self.running[-1]
+            if not (group.priority < victim.priority
+                    and self.importance.before(group, victim, now)):
+                return
+            self._preempt(victim, out)
+
+    def _fits(self, group: SequenceGroup) -> bool:
+        """Whether a queued request's sequences and first step fit beside the running
+        ones (one bigger than the whole pool counts as fitting: admission aborts it)."""
+        seqs = group.live_seqs()
+        if self.num_running_seqs() + len(seqs) > self.config.max_num_seqs:
+            return False
+        if seqs[0].status is SequenceStatus.SWAPPED:
+            return self.bm.can_swap_in(group, len(seqs))
+        if self._min_blocks(group) > self.bm.device.num_blocks:
+            return True
+        prefix = (CachedPrefix() if getattr(group.params, "prompt_logprobs", None) is not None
+                  else self.bm.find_cached_prefix(seqs[0]))
+        need = self._admission_blocks(group, prefix, self.config.max_num_batched_tokens)
+        return need is not None and need <= self.bm.device.num_free
 
     def _start_matchers(self, group: SequenceGroup, out: SchedulerOutput) -> bool:
         """Give each sequence of a request whose grammar is compiled a matcher, unless it
@@ -345,31 +363,3 @@ class Scheduler(StepUpdates):
             if seq.matcher is None:
                 seq.matcher = grammar.new_matcher()
         return True
-
-    def _admission_blocks(self, group: SequenceGroup, prefix: CachedPrefix,
-                          budget: int) -> int | None:
-        """Free device blocks a waiting group's first step uses, `prefix` included, found
-        without taking anything (None: no token of it fits the budget).
-
-        It is what _plan_tokens and _recompute_shared will plan once the prefix is taken,
-        worked out for a group that holds no blocks: the first sequence starts after its
-        cached prefix; when that leaves it one token, its siblings adopt what they share.
-        """
-        leader, *siblings = group.live_seqs()
-        starts = [prefix.num_tokens]
-        uncomputed = leader.num_tokens - prefix.num_tokens
-        if siblings and uncomputed > 1:
-            takes = [min(uncomputed - 1, budget)]
-        else:
-            bs = self.bm.block_size
-            starts += [self.bm.count_shared_blocks(leader.token_ids, prefix.num_tokens, s) * bs
-                       for s in siblings]
-            seqs = [leader, *siblings]
-            needs = [s.num_tokens - start for s, start in zip(seqs, starts, strict=True)]
-            takes = self._split_budget(needs, budget)
-        if not any(takes):
-            return None
-        # Every start is a whole number of blocks, all of them already held.
-        new = sum(self.bm.blocks_for(start + n) - self.bm.blocks_for(start)
-                  for start, n in zip(starts, takes, strict=True))
-        return prefix.num_free_blocks + new

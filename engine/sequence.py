@@ -142,15 +142,14 @@ class SequenceGroup:
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None
     # The compiled (or compiling) grammar of a request with structured output.
     grammar: "Grammar | None" = None
+    # Time spent waiting (queued or preempted) before the current stretch, and when that
+    # stretch began (None while running): what priority aging counts.
+    waited_s: float = 0.0
+    queued_since: float | None = None
 
     @property
     def arrival_time(self) -> float:
         return self.metrics.arrival_time
-
-    @property
-    def preemption_key(self) -> tuple[int, float]:
-        """Larger means preempted first: lower priority (larger value), then later arrival."""
-        return (self.priority, self.arrival_time)
 
     def live_seqs(self) -> list[Sequence]:
         return [s for s in self.seqs if not s.status.finished]

@@ -130,7 +130,7 @@ class JobRunner:
             return self._finish(spec, JobStatus.FAILED, error=f"invalid job: {exc}")
         # Beam search has no output kind: its beams are known only at the end.
         stream = getattr(params, "output_kind", None) is RequestOutputKind.DELTA
-        return self.service.submit(spec.id, spec.lease_id, prompt, params, spec.priority,
+        return self.service.submit(spec.id, spec.lease_id, prompt, params, spec.engine_priority,
                                    time.time() + self._deadline_s(spec), stream=stream)
 
     def _collect(self, spec: JobSpec, future: Future[Generation], worker: str) -> Outcome:

@@ -10,6 +10,7 @@ from typing import Any
 
 from engine.logprob import Logprob
 from worker.models import Job, JobStatus, Metrics, Output
+from worker.schemas import QueueKind
 
 
 @dataclass(slots=True)
@@ -140,6 +141,12 @@ class JobSpec:
     created_at: datetime
     messages: list[dict[str, str]] | None = None
     stream: bool = False  # append the text to the job's Redis Stream as it comes
+    queue: str = QueueKind.INTERACTIVE
+
+    @property
+    def engine_priority(self) -> int:
+        """The engine's priority: the job's level, interactive before bulk within it."""
+        return 2 * self.priority + (self.queue == QueueKind.BULK)
 
 
 class ClaimOutcome(enum.Enum):

@@ -198,7 +198,7 @@ class JobStore:
                 prompt = job.prompt_text if job.prompt_text is not None else job.prompt_token_ids
                 return Claim(ClaimOutcome.CLAIMED, JobSpec(
                     job.id, attempt, lease_id, prompt, dict(job.params), job.priority, job.chat,
-                    job.deadline_s, job.created_at, job.messages, job.stream))
+                    job.deadline_s, job.created_at, job.messages, job.stream, job.queue))
             if job.status.finished:
                 return Claim(ClaimOutcome.FINISHED)
             if job.status is JobStatus.RUNNING and not _expired(job.lease_expires_at, now):
