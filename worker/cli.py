@@ -1,10 +1,12 @@
-"""`pagedq`: migrate, worker, flower, batch (through the queue) and run (in-process)."""
+"""`pagedq`: migrate, worker, flower, batch (through the queue), run (in-process), cancel,
+serve and keys."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -90,8 +92,8 @@ def _job_options(args: argparse.Namespace) -> JobOptions:
                 defaults["structured_outputs"] = check_structure({kind: value}, option)
             except ValueError as exc:
                 raise SettingsError(str(exc)) from None
-    return JobOptions(template=args.template, chat=args.chat,
-                      queue=QueueKind(args.queue), priority=args.priority, defaults=defaults)
+    return JobOptions(template=args.template, chat=args.chat, queue=QueueKind(args.queue),
+                      priority=args.priority, defaults=defaults, ttl_s=args.ttl)
 
 
 def _batch(settings: Settings, args: argparse.Namespace) -> int:
@@ -103,7 +105,7 @@ def _batch(settings: Settings, args: argparse.Namespace) -> int:
         summary = run_bulk(args.docs, args.output, options, QueueBackend(client),
                            progress=not args.quiet)
     print(summary.table())
-    return 0 if summary.failed == 0 else 1
+    return 0 if summary.all_succeeded else 1
 
 
 def _run(settings: Settings, args: argparse.Namespace) -> int:
@@ -136,7 +138,32 @@ def _run(settings: Settings, args: argparse.Namespace) -> int:
         runner.close()
         store.close()
     print(summary.table())
-    return 0 if summary.failed == 0 else 1
+    return 0 if summary.all_succeeded else 1
+
+
+def _cancel(settings: Settings, args: argparse.Namespace) -> int:
+    from worker.bulk_batch import BulkBatches
+    from worker.client import Client
+    from worker.models import BatchStatus
+
+    with Client(settings) as client:
+        if args.batch is None:
+            report = client.cancel_jobs(args.job_ids)
+            for job_id in report.missing:
+                print(f"pagedq: no job {job_id!r}", file=sys.stderr)
+            print(f"{len(args.job_ids) - len(report.missing)} job(s): {report}")
+            return 1 if report.missing else 0
+        cancelled = client.cancel_batch(args.batch)
+        if cancelled is None:
+            print(f"pagedq: no batch {args.batch!r}", file=sys.stderr)
+            return 1
+        if cancelled.status is not BatchStatus.CANCELLING:
+            print(f"batch {args.batch} is {cancelled.status.value}: nothing to cancel")
+            return 0
+        # A CLI batch with nothing left running ends now; the gateway ends its own.
+        status = BulkBatches(client.store.engine).close(args.batch) or cancelled.status
+    print(f"batch {args.batch} ({status.value}): {cancelled.report}")
+    return 0
 
 
 def _serve(settings: Settings, args: argparse.Namespace) -> int:
@@ -191,6 +218,16 @@ def _template(text: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+    return value
+
+
 def _json_schema(path: str) -> Any:
     """The file's JSON; whether it is a schema is checked with the other structures."""
     try:
@@ -243,6 +280,17 @@ def _parser() -> argparse.ArgumentParser:
     actions.add_parser("list", help="every key: name, prefix, created, state")
     p.set_defaults(command=_keys)
 
+    p = commands.add_parser(
+        "cancel", help="cancel jobs, or every unfinished job of a batch",
+        description="Queued jobs end cancelled at once; running ones are aborted by their "
+                    "worker within a step; finished ones are left as they are.")
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("job_ids", nargs="*", default=[], metavar="JOB_ID",
+                        help="the jobs to cancel")
+    target.add_argument("--batch", metavar="BATCH_ID",
+                        help="a batch's id, as `pagedq batch` prints it or the gateway shows")
+    p.set_defaults(command=_cancel)
+
     for name, func, help_text in (
         ("batch", _batch, "enqueue every document of a JSONL file, collect the results"),
         ("run", _run, "process a JSONL file in this process, no broker needed"),
@@ -269,6 +317,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="0 (first) to 9")
         p.add_argument("--queue", default=QueueKind.BULK.value,
                        choices=[kind.value for kind in QueueKind])
+        p.add_argument("--ttl", type=_seconds, metavar="SECONDS",
+                       help="a job not started this long after submission ends expired")
         p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
         if name == "run":
             p.add_argument("--model", help="override PAGEDQ_MODEL")

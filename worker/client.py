@@ -15,10 +15,12 @@ from typing import Any
 
 import redis
 from kombu.exceptions import OperationalError as BrokerError
+from sqlalchemy import ColumnElement
 
-from worker.celery_app import CANCEL_COMMAND, TASK_NAME, PagedqCelery, create_app
+from worker.cancel import BatchCancel, CancelReport, cancel_batch, cancel_jobs, tell_workers
+from worker.celery_app import TASK_NAME, PagedqCelery, create_app
+from worker.db import make_sessionmaker
 from worker.job_rows import JobOwner
-from worker.models import JobStatus
 from worker.records import JobRecord
 from worker.redact import mask_url
 from worker.schemas import GenerationParams, InvalidJob, JobRequest, QueueKind, parse_job
@@ -64,13 +66,6 @@ def publish(app: PagedqCelery, jobs: Sequence[tuple[str, QueueKind]],
         ) from exc
 
 
-def broadcast_cancel(app: PagedqCelery, job_ids: Iterable[str]) -> None:
-    """Ask the workers to abort these running jobs (each worker's engine drops those it
-    holds); their rows must already say cancel_requested, so a retry never runs them."""
-    for job_id in job_ids:
-        app.control.broadcast(CANCEL_COMMAND, arguments={"job_id": job_id})
-
-
 def _cap(field: str, size: int, unit: str, limit: int, variable: str) -> None:
     if size > limit:
         raise InvalidJob(f"{field}: {size} {unit} is over {ENV_PREFIX}{variable} ({limit})")
@@ -81,6 +76,7 @@ class Client:
         self.settings = settings or load_settings()
         self.app = create_app(self.settings)
         self.store = JobStore.from_url(self.settings.database_url)
+        self._sessions = make_sessionmaker(self.store.engine)
 
     def close(self) -> None:
         self.store.close()
@@ -188,7 +184,22 @@ class Client:
         """Cancel a job. A queued job is cancelled at once; a running one is
         aborted by its worker's engine within a step. False if it had already
         finished (or does not exist)."""
-        before = self.store.request_cancel(job_id)
-        if before is JobStatus.RUNNING:
-            broadcast_cancel(self.app, [job_id])
-        return before in (JobStatus.QUEUED, JobStatus.RUNNING)
+        report = self.cancel_jobs([job_id])
+        return bool(report.cancelled or report.flagged)
+
+    def cancel_jobs(self, job_ids: Iterable[str]) -> CancelReport:
+        """Cancel every unfinished job of these; the report counts what it did and
+        names the ids that are no job."""
+        with self._sessions() as session, session.begin():
+            report = cancel_jobs(session, job_ids)
+        report.unreached = not tell_workers(self.app, report.flagged)
+        return report
+
+    def cancel_batch(self, batch_id: str, *owned: ColumnElement[bool]) -> BatchCancel | None:
+        """Cancel every unfinished job of an in-progress batch (worker/cancel.py);
+        None: no such batch. `owned`: conditions the batch must meet (an API key's)."""
+        with self._sessions() as session, session.begin():
+            cancelled = cancel_batch(session, batch_id, *owned)
+        if cancelled is not None:
+            cancelled.report.unreached = not tell_workers(self.app, cancelled.report.flagged)
+        return cancelled

@@ -55,6 +55,7 @@ class JobOptions:
     queue: QueueKind = QueueKind.BULK
     priority: int = 0
     defaults: dict[str, Any] | None = None  # sampling fields for lines that lack them
+    ttl_s: float | None = None  # not started this long after submission: the job expires
 
 
 def check_template(template: str) -> str:
@@ -149,6 +150,7 @@ def _parse_line(line: str, options: JobOptions, allowed: frozenset[str]) -> Docu
         params["structured_outputs"] = structure_of(data["response_format"])
     job = parse_job({"prompt": prompt, "messages": messages, "params": params,
                      "queue": options.queue, "priority": data.get("priority", options.priority),
+                     "ttl_s": options.ttl_s,
                      # Messages always use the chat template; --chat wraps prompts.
                      "chat": options.chat and messages is None})
     # The key names this exact piece of work: re-running the same file resumes

@@ -96,12 +96,13 @@ class JobStore:
         rows = [new_row(request, now, published, owner) for request in requests]
         keys = [row["idempotency_key"] for row in rows if row["idempotency_key"]]
         if keys:
-            # A failed or cancelled job gives its key up, so that resubmitting
-            # the same work (a re-run of a bulk job) tries it again.
+            # A failed, cancelled or expired job gives its key up, so that
+            # resubmitting the same work (a re-run of a bulk job) tries it again.
             session.execute(
                 update(Job)
                 .where(Job.idempotency_key.in_(keys),
-                       Job.status.in_([JobStatus.FAILED, JobStatus.CANCELLED]))
+                       Job.status.in_([JobStatus.FAILED, JobStatus.CANCELLED,
+                                       JobStatus.EXPIRED]))
                 .values(idempotency_key=None)
                 .execution_options(synchronize_session=False)
             )
@@ -151,23 +152,6 @@ class JobStore:
                     query = query.where(Job.status.in_(FINISHED))
                 records += (JobRecord.from_row(job) for job in session.scalars(query))
         return records
-
-    def request_cancel(self, job_id: str) -> JobStatus | None:
-        """Cancel a queued job at once; flag a running one for its worker to abort.
-
-        Returns the status the job had before (None: no such job)."""
-        now = utcnow()
-        with self._session() as session, session.begin():
-            job = session.get(Job, job_id, with_for_update=True)
-            if job is None:
-                return None
-            before = job.status
-            if before is JobStatus.QUEUED:
-                job.status = JobStatus.CANCELLED
-                job.finished_at = now
-            elif before is JobStatus.RUNNING:
-                job.cancel_requested = True
-            return before
 
     # -- worker side -----------------------------------------------------
 

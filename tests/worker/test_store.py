@@ -7,8 +7,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from sqlalchemy import func, select
+from sqlalchemy.orm import Session
 
 from tests.worker.services import backdate
+from worker.cancel import cancel_jobs
 from worker.job_rows import JobOwner
 from worker.models import Job, JobStatus, utcnow
 from worker.records import ClaimOutcome, Completion, JobMetrics
@@ -42,6 +44,15 @@ def test_failed_job_gives_its_key_up(store):
     sub = store.create([job(idempotency_key="k")])[0]
     claim = store.claim(sub.job_id, "w", 3, LEASE_S)
     store.finish(sub.job_id, claim.spec.lease_id, JobStatus.FAILED, error="boom")
+    retry = store.create([job(idempotency_key="k")])[0]
+    assert retry.created and retry.job_id != sub.job_id
+
+
+def test_expired_job_gives_its_key_up(store):
+    sub = store.create([job(idempotency_key="k", ttl_s=0.01)])[0]
+    time.sleep(0.02)
+    assert store.claim(sub.job_id, "w", 3, LEASE_S).outcome is ClaimOutcome.EXPIRED
+    assert store.get(sub.job_id).status is JobStatus.EXPIRED
     retry = store.create([job(idempotency_key="k")])[0]
     assert retry.created and retry.job_id != sub.job_id
 
@@ -170,17 +181,22 @@ def test_too_many_attempts_fail_the_job(store):
     assert record.status is JobStatus.FAILED and "2 attempts" in record.error
 
 
+def _cancel(store, *job_ids: str):
+    with Session(store.engine) as session, session.begin():
+        return cancel_jobs(session, job_ids)
+
+
 def test_cancel_queued_and_running(store):
     queued, running = (s.job_id for s in store.create([job(), job()]))
     store.claim(running, "w", 3, lease_s=0.01)
-    assert store.request_cancel(queued) is JobStatus.QUEUED
-    assert store.request_cancel(running) is JobStatus.RUNNING
+    report = _cancel(store, queued, running, "no-such-job")
+    assert (report.cancelled, report.flagged, report.missing) == (1, [running],
+                                                                  ["no-such-job"])
     assert store.get(queued).status is JobStatus.CANCELLED
     assert store.claim(queued, "w", 3, LEASE_S).outcome is ClaimOutcome.FINISHED
     time.sleep(0.02)
     # A running job flagged for cancel is not started again after a crash.
     assert store.claim(running, "w", 3, LEASE_S).outcome is ClaimOutcome.CANCELLED
-    assert store.request_cancel("no-such-job") is None
 
 
 def test_token_prompt_and_params_round_trip(store):
@@ -207,7 +223,7 @@ def test_only_jobs_queued_long_after_their_publish_are_due(store):
     store.claim(running, "w", 3, LEASE_S)
     store.finish(finished, store.claim(finished, "w", 3, LEASE_S).spec.lease_id,
                  JobStatus.SUCCEEDED)
-    store.request_cancel(cancelled)
+    _cancel(store, cancelled)
     backdate(store, [queued, bulk, running, finished, cancelled, in_process])
     store.create([job()])  # queued, but its message has just gone out
     due = store.claim_republish(60, limit=100)

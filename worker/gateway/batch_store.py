@@ -15,18 +15,17 @@ taken over after FINALIZE_STALE_S.
 
 from __future__ import annotations
 
-import logging
 import secrets
 from collections import Counter
 from datetime import datetime, timedelta
 from io import BytesIO
 from typing import Any
 
-from kombu.exceptions import OperationalError as BrokerError
 from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.orm import Session, defer, selectinload
 
-from worker.client import BrokerUnavailable, Client, broadcast_cancel, publish
+from worker.cancel import CANCELLED_WITH_BATCH, cancel_where
+from worker.client import BrokerUnavailable, Client, publish
 from worker.db import make_sessionmaker
 from worker.gateway.batch_lines import bad_line, error_line, jsonl, output_line, parse_input
 from worker.gateway.errors import APIError
@@ -35,8 +34,6 @@ from worker.job_rows import JobOwner
 from worker.models import Batch, BatchStatus, Job, JobStatus, StoredFile, utcnow
 from worker.records import JobRecord
 from worker.schemas import QueueKind
-
-log = logging.getLogger(__name__)
 
 # A finalization claimed this long ago and not done: its replica died, another takes it.
 FINALIZE_STALE_S = 120.0
@@ -186,27 +183,9 @@ class BatchStore:
     def cancel_batch(self, api_key_id: str | None, batch_id: str) -> dict[str, Any] | None:
         """Cancel an in-progress batch: its queued jobs at once, its running ones aborted
         by their workers; its finished ones are kept for its output file. A batch in any
-        other state is answered as it is."""
-        now = utcnow()
-        running: list[str] = []
-        with self._sessions() as session, session.begin():
-            moved = session.execute(update(Batch).where(
-                Batch.id == batch_id, Batch.api_key_id == api_key_id,
-                Batch.status == BatchStatus.IN_PROGRESS,
-            ).values(status=BatchStatus.CANCELLING, cancelling_at=now)
-                .execution_options(synchronize_session=False)).rowcount
-            if moved:
-                _end_queued(session, batch_id, JobStatus.CANCELLED, "cancelled with its batch")
-                running = list(session.scalars(
-                    update(Job).where(Job.batch_id == batch_id, Job.status == JobStatus.RUNNING)
-                    .values(cancel_requested=True).returning(Job.id)
-                    .execution_options(synchronize_session=False)))
-        try:
-            broadcast_cancel(self.client.app, running)
-        except (BrokerError, OSError) as exc:
-            # The rows say cancel_requested: those jobs are not retried, but the ones
-            # running now finish, and are kept as any finished request is.
-            log.warning("batch %s: cancel broadcast failed: %s", batch_id, exc)
+        other state is answered as it is. Should the workers not be told, the running
+        jobs finish and are kept as any finished request is (no retry runs them)."""
+        self.client.cancel_batch(batch_id, Batch.api_key_id == api_key_id)
         return self.get_batch(api_key_id, batch_id)
 
     # -- progression -----------------------------------------------------------
@@ -228,7 +207,7 @@ class BatchStore:
         now = utcnow()
         with self._sessions() as session, session.begin():
             if batch.status is BatchStatus.CANCELLING:
-                _end_queued(session, batch.id, JobStatus.CANCELLED, "cancelled with its batch")
+                cancel_where(session, Job.batch_id == batch.id, CANCELLED_WITH_BATCH)
             elif batch.status is BatchStatus.IN_PROGRESS and batch.expires_at < now:
                 _end_queued(session, batch.id, JobStatus.EXPIRED,
                             "expired before it started: its batch's window closed")
