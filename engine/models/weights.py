@@ -20,6 +20,9 @@ PACKED = {
 }
 NUM_SHARDS = {"qkv_proj": 3, "gate_up_proj": 2, "down_proj": 1}
 EXPERT = re.compile(r"(?P<prefix>.*\.experts)\.(?P<index>\d+)\.(?P<proj>\w+)\.weight")
+# A checkpoint's per-tensor KV-cache scales (an FP8 KV scheme), under the attention or
+# its k/v projection: they set the layer's `k_scale` / `v_scale` for a float8 cache.
+KV_SCALE = re.compile(r"(?P<attn>.*\.self_attn)\.(?:[kv]_proj\.)?(?P<which>[kv]_scale)")
 
 
 class WeightLoader:
@@ -32,6 +35,7 @@ class WeightLoader:
 
     def __init__(self, model: nn.Module, renames: tuple[tuple[str, str], ...],
                  skipped: set[str]) -> None:
+        self.model = model
         self.params = dict(model.named_parameters())
         self.renames = renames
         self.skipped = skipped
@@ -51,6 +55,11 @@ class WeightLoader:
             raise ValueError(f"checkpoint is missing weights: {sorted(missing)[:5]}")
 
     def _take(self, name: str, tensor: torch.Tensor) -> None:
+        kv_scale = KV_SCALE.fullmatch(name)
+        if kv_scale:
+            attn = self.model.get_submodule(kv_scale["attn"])
+            setattr(attn, kv_scale["which"], float(tensor.float().max()))
+            return
         expert = EXPERT.fullmatch(name)
         if expert:
             fused, shard = PACKED.get(expert["proj"], (expert["proj"], 0))

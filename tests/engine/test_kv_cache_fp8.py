@@ -14,6 +14,7 @@ the one asserted.
 """
 
 import random
+import shutil
 from pathlib import Path
 
 import pytest
@@ -63,15 +64,19 @@ def _greedy(engine: LLMEngine, prompts: list[list[int]], max_tokens: int) -> lis
 
 
 def _hf_greedy_fp8_kv(path: Path, prompts: list[list[int]], max_tokens: int,
-                      monkeypatch: pytest.MonkeyPatch) -> list[list[int]]:
-    """Transformers' greedy tokens with K and V rounded to float8 (scale 1) in every layer."""
+                      monkeypatch: pytest.MonkeyPatch,
+                      scales: dict[int, tuple[float, float]] | None = None) -> list[list[int]]:
+    """Transformers' greedy tokens with K and V rounded to float8 in every layer, at
+    the layer's (k, v) scales (default 1)."""
     import transformers.models.llama.modeling_llama as llama
     from transformers import AutoModelForCausalLM
 
     eager = llama.eager_attention_forward
 
     def rounded(module, query, key, value, *args, **kwargs):
-        key, value = (x.clamp(-448, 448).to(FP8).to(x.dtype) for x in (key, value))
+        ks, vs = (scales or {}).get(module.layer_idx, (1.0, 1.0))
+        key, value = ((x.float() / s).clamp(-448, 448).to(FP8).to(x.dtype) * s
+                      for x, s in ((key, ks), (value, vs)))
         return eager(module, query, key, value, *args, **kwargs)
 
     monkeypatch.setattr(llama, "eager_attention_forward", rounded)
@@ -130,6 +135,31 @@ def test_fp8_cache_generates_what_transformers_does_with_fp8_kv(llama, backend, 
     # make_checkpoint seeds by build order, so the weights vary with the tests run: 60%.
     assert fp8 != float_cache and forced >= 0.6
     assert fp8 == _hf_greedy_fp8_kv(llama, prompts, max_tokens, monkeypatch)
+
+
+def test_checkpoint_kv_scales_are_used(llama, tmp_path, monkeypatch):
+    """An FP8-KV checkpoint's per-layer k/v scales (under self_attn, or under its k/v
+    projection) set the layers' scales; the tokens are Transformers' with K and V
+    rounded at those scales."""
+    from safetensors.torch import load_file, save_file
+
+    scaled = tmp_path / "scaled"
+    shutil.copytree(llama, scaled)
+    weights = load_file(scaled / "model.safetensors")
+    scales = {0: (0.05, 0.02), 1: (0.08, 0.03)}
+    for layer, (ks, vs) in scales.items():
+        where = "self_attn" if layer == 0 else "self_attn.{}_proj"
+        for which, value in (("k", ks), ("v", vs)):
+            prefix = f"model.layers.{layer}.{where.format(which)}"
+            weights[f"{prefix}.{which}_scale"] = torch.tensor(value)
+    save_file(weights, scaled / "model.safetensors", metadata={"format": "pt"})
+    engine = _engine(scaled, "torch")
+    for i, layer in enumerate(engine.runner.model.layers):
+        got = (layer.self_attn.k_scale, layer.self_attn.v_scale)
+        assert got == pytest.approx(scales[i])
+    prompts = _prompts(3)
+    assert _greedy(engine, prompts, 8) == _hf_greedy_fp8_kv(llama, prompts, 8, monkeypatch,
+                                                            scales)
 
 
 def test_smollm2_fp8_cache_keeps_most_greedy_tokens(smollm2_dir):
