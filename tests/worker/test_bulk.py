@@ -1,6 +1,7 @@
 """Bulk JSONL jobs: bad lines are skipped with their number, re-runs resume."""
 
 import json
+import multiprocessing
 import re
 
 import pytest
@@ -136,3 +137,22 @@ def test_output_lines_carry_logprobs_when_a_line_asks(tmp_path, tiny_llama_dir, 
     for position in positions:
         assert 1 <= len(position) <= 2  # the top token and the chosen one
         assert all(entry["rank"] >= 1 and entry["logprob"] <= 0 for entry in position.values())
+
+
+def test_run_over_two_tensor_parallel_ranks(tmp_path, tiny_llama_dir, monkeypatch, capsys):
+    """PAGEDQ_TENSOR_PARALLEL_SIZE=2: the same greedy texts as one rank, and the rank
+    process ends with the command."""
+    docs = write_docs(tmp_path / "docs.jsonl")
+    texts = []
+    for tp in (1, 2):
+        fields = engine_fields(tiny_llama_dir, tensor_parallel_size=tp,
+                               database_url=f"sqlite:///{tmp_path / f'tp{tp}.db'}")
+        for name, value in as_env(fields).items():
+            monkeypatch.setenv(name, value)
+        out = tmp_path / f"tp{tp}.jsonl"
+        argv = ["run", str(docs), "-o", str(out), "--max-tokens", "6", "--temperature", "0",
+                "-q"]
+        assert main(argv) == 0
+        texts.append({line["id"]: line["text"] for line in read_output(out)})
+    assert texts[1] == texts[0] and len(texts[0]) == len(GOOD)
+    assert not multiprocessing.active_children()
