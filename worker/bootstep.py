@@ -25,6 +25,7 @@ from worker.engine_service import EngineService
 from worker.executor import RESULT_GRACE_S, JobRunner
 from worker.metrics import WorkerMetrics
 from worker.migrate import check_current
+from worker.reserve import install_reserve
 from worker.store import JobStore
 from worker.streams import StreamWriter
 from worker.sweeper import Sweeper
@@ -44,7 +45,8 @@ class EngineStep(bootsteps.StartStopStep):
     def start(self, parent: Any) -> None:
         app: PagedqCelery = parent.app
         settings = app.settings
-        store = JobStore.from_url(settings.database_url, pool_size=min(settings.concurrency, 24))
+        # parent.concurrency: the pool's threads, the interactive reserve included.
+        store = JobStore.from_url(settings.database_url, pool_size=min(parent.concurrency, 24))
         check_current(store.engine)
 
         def build() -> Any:
@@ -131,7 +133,8 @@ def cancel_job(state: Any, job_id: str) -> dict[str, str]:
 
 
 def install(app: PagedqCelery) -> None:
-    """Make `app` a worker: the task, the engine and the sweep."""
+    """Make `app` a worker: the task, the engine, the sweep and the interactive reserve."""
     register_tasks(app)
     app.steps["worker"].add(EngineStep)
     app.steps["worker"].add(SweepStep)
+    install_reserve(app)

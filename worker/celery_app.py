@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 TASK_NAME = "pagedq.generate"
 RESUMED_SUFFIX = ".resumed"
 CANCEL_COMMAND = "pagedq_cancel"
+BRPOP_TIMEOUT_S = 0.1
 
 
 class PagedqCelery(Celery):
@@ -61,6 +62,11 @@ def create_app(settings: Settings) -> PagedqCelery:
             # come back soon after their visibility timeout.
             "unacked_restore_interval": max(1, min(10, int(visibility / 10))),
             "unacked_restore_throttle": 1,
+            # How long a worker's BRPOP waits on Redis (kombu's brpop_timeout). A queue
+            # added back to a consumer (the bulk ones, when a slot frees up: see
+            # worker/reserve.py) is read from only once the BRPOP in flight returns.
+            # Redis 6 or later takes a fraction of a second.
+            "polling_interval": BRPOP_TIMEOUT_S,
         },
         broker_connection_retry_on_startup=True,
         broker_connection_timeout=5,

@@ -53,9 +53,15 @@ class _WorkerSettings(BaseSettings):
     # Queues: the worker always drains interactive before bulk.
     interactive_queue: str = Field("pagedq.interactive", min_length=1)
     bulk_queue: str = Field("pagedq.bulk", min_length=1)
-    # Threads of the worker pool; None means max_num_seqs, so that every
-    # sequence slot of the engine can hold a job.
+    # Job slots of a worker (threads of its pool, less the interactive reserve);
+    # None means max_num_seqs, so that every sequence slot of the engine can hold a job.
     worker_concurrency: int | None = Field(None, gt=0)
+    # Threads a worker runs beyond its slots, which bulk jobs never hold: a worker
+    # full of bulk jobs still takes this many interactive jobs at once, and the
+    # engine preempts bulk work for them (see worker/reserve.py). An idle thread
+    # costs next to nothing; a burst of more interactive jobs than this waits for
+    # the first job of any kind to end.
+    interactive_reserve: int = Field(8, ge=0)
 
     # Redis hands a message unacked for this long out again, even while its
     # worker is alive and running the job. A lease turns such a copy into a

@@ -1,0 +1,171 @@
+"""The interactive reserve: threads of the worker pool that bulk jobs never hold.
+
+With prefetch 1, each pool thread holds one message until its job ends, so a
+worker whose threads all hold bulk jobs would take no interactive message until
+one of them ended. The worker therefore runs PAGEDQ_INTERACTIVE_RESERVE threads
+more than its job slots, counts the bulk messages it holds, and stops consuming
+the bulk queues while they fill the slots: the spare threads can only take
+interactive messages. The gate only decides when messages are taken, never
+whether a job runs: a message stays in Redis (unacked, or not yet taken) until
+its job ends, and the claim in SQL still decides who runs it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import Counter
+from typing import Any
+
+from celery import bootsteps, signals
+
+from worker.celery_app import PagedqCelery
+from worker.schemas import QueueKind
+
+log = logging.getLogger(__name__)
+
+
+class BulkGate:
+    """The bulk messages a worker holds (by task id: a redelivered copy and a retry
+    share their original's id), against the most it may hold."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._held: Counter[str] = Counter()
+        self._total = 0  # read without the lock: an int is replaced, never torn
+        self._lock = threading.Lock()
+
+    @property
+    def held(self) -> int:
+        return self._total
+
+    @property
+    def full(self) -> bool:
+        return self._total >= self.limit
+
+    def take(self, task_id: str) -> bool:
+        """Count a bulk message taken; True when that fills the slots."""
+        with self._lock:
+            self._held[task_id] += 1
+            self._total += 1
+            return self._total >= self.limit
+
+    def release(self, task_id: str) -> bool:
+        """Count a job's end; True when it was a bulk one and a slot is free now."""
+        with self._lock:
+            if task_id not in self._held:
+                return False
+            self._held[task_id] -= 1
+            if not self._held[task_id]:
+                del self._held[task_id]
+            self._total -= 1
+            return self._total < self.limit
+
+
+class ReserveStep(bootsteps.StartStopStep):
+    """A consumer bootstep that pauses the bulk queues while bulk jobs fill the slots.
+
+    Pausing and resuming happen on the consumer's thread (kombu's consumer is not
+    thread-safe): a message is counted there as it arrives, and a job thread that
+    frees a slot hands the resume to it with `call_soon`."""
+
+    requires = {"celery.worker.consumer.tasks:Tasks"}
+
+    def __init__(self, parent: Any, **kwargs: Any) -> None:
+        super().__init__(parent, **kwargs)
+        app: PagedqCelery = parent.app
+        self.consumer = parent
+        self.bulk_queues = tuple(app.queue_names([QueueKind.BULK]))
+        # Threads less the reserve; the worker_init hook has added the reserve.
+        self.gate = BulkGate(parent.controller.concurrency - app.settings.interactive_reserve)
+        self.paused: list[str] = []
+        # A weak reference would die with this step's bound methods.
+        signals.task_received.connect(self._received, weak=False)
+        signals.task_postrun.connect(self._ended, weak=False)
+        signals.task_revoked.connect(self._revoked, weak=False)
+
+    def start(self, parent: Any) -> None:
+        # A restarted consumer (after a lost connection) consumes every queue again,
+        # while the jobs it held before still run.
+        self.paused = []
+        log.info("bulk jobs hold at most %d of %d threads; %d kept for interactive jobs",
+                 self.gate.limit, parent.controller.concurrency,
+                 parent.app.settings.interactive_reserve)
+        if self.gate.full:
+            self._pause()
+
+    def stop(self, parent: Any) -> None:
+        # The consumer is cancelled: a resume queued by a job ending now must not
+        # start it consuming again.
+        self.paused = []
+
+    def shutdown(self, parent: Any) -> None:
+        self.stop(parent)
+        signals.task_received.disconnect(self._received)
+        signals.task_postrun.disconnect(self._ended)
+        signals.task_revoked.disconnect(self._revoked)
+
+    def info(self, parent: Any) -> dict[str, Any]:
+        return {"intake": {"bulk_held": self.gate.held, "bulk_limit": self.gate.limit,
+                           "bulk_paused": bool(self.paused)}}
+
+    # -- signal receivers ----------------------------------------------------
+
+    def _received(self, sender: Any = None, request: Any = None, **_: Any) -> None:
+        """On the consumer's thread, as a message becomes a request."""
+        if sender is not self.consumer or request is None:
+            return
+        if request.delivery_info.get("routing_key") in self.bulk_queues \
+                and self.gate.take(request.id):
+            self._pause()
+
+    def _ended(self, sender: Any = None, task_id: str | None = None, **_: Any) -> None:
+        """On the job's thread, once the task returned, raised or asked for a retry."""
+        if task_id is not None and self.gate.release(task_id):
+            self.consumer.call_soon(self._resume)
+
+    def _revoked(self, sender: Any = None, request: Any = None, terminated: bool = False,
+                 **_: Any) -> None:
+        # A revoked request that never ran gets no postrun; one that ran does.
+        if request is not None and not terminated:
+            self._ended(task_id=request.id)
+
+    # -- on the consumer's thread ------------------------------------------
+
+    def _pause(self) -> None:
+        tasks = self.consumer.task_consumer
+        for name in self.bulk_queues:
+            if tasks.consuming_from(name):
+                # kombu delays a cancel that lands inside a read until the read is
+                # over, and hands a message arriving for a cancelled queue back to
+                # Redis: no message is dropped.
+                tasks.cancel_by_queue(name)
+                self.paused.append(name)
+
+    def _resume(self) -> None:
+        tasks = self.consumer.task_consumer
+        if not self.paused or self.gate.full or tasks is None:
+            return
+        queues = self.consumer.app.amqp.queues
+        # Added back in their order, after the interactive queues: these are still
+        # drained first.
+        for name in self.paused:
+            tasks.add_queue(queues[name])
+        self.paused = []
+        tasks.consume()
+
+
+def add_reserve_threads(sender: Any = None, **_: Any) -> None:
+    """worker_init: run `interactive_reserve` threads beyond the slots asked for."""
+    app = sender.app
+    if ReserveStep in app.steps["consumer"]:
+        sender.concurrency += app.settings.interactive_reserve
+
+
+def install_reserve(app: PagedqCelery) -> None:
+    # Without a reserve, pausing the bulk queues when every thread is busy would
+    # change nothing but the delay before the next message.
+    if not app.settings.interactive_reserve:
+        return
+    app.steps["consumer"].add(ReserveStep)
+    signals.worker_init.connect(add_reserve_threads, weak=False)
