@@ -10,16 +10,26 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from worker.db import is_transient
 from worker.engine_service import EngineFailure, EngineService, Generation, JobCancelled
+from worker.group_commit import GroupCommit
 from worker.leases import LeaseKeeper
 from worker.metrics import WorkerMetrics
 from worker.models import JobStatus
-from worker.records import ClaimOutcome, Completion, JobMetrics, JobSpec
+from worker.records import (
+    Claim,
+    ClaimAsk,
+    ClaimOutcome,
+    Completion,
+    FinishWrite,
+    JobMetrics,
+    JobSpec,
+)
 from worker.schemas import engine_params
 from worker.settings import Settings
 from worker.store import JobStore
@@ -68,9 +78,20 @@ class JobRunner:
         self.leases = LeaseKeeper(store, settings.lease_s, service.alive,
                                   service.abort_attempt)
         self.leases.start()
+        # The claims that arrive together, and the ends of the jobs that finish in
+        # one engine step, each go to the database in one transaction.
+        self._claims: GroupCommit[ClaimAsk, Claim] = GroupCommit(
+            "pagedq-claims", self._claim_batch, key=lambda ask: ask.job_id)
+        self._finishes: GroupCommit[FinishWrite, bool] = GroupCommit(
+            "pagedq-finishes", store.finish_many, key=lambda write: write.job_id)
 
     def close(self) -> None:
         self.leases.close()
+        self._claims.close()
+        self._finishes.close()
+
+    def _claim_batch(self, asks: Sequence[ClaimAsk]) -> list[Claim]:
+        return self.store.claim_many(asks, self.settings.max_attempts, self.settings.lease_s)
 
     def run(self, job_id: str, worker: str) -> Outcome:
         """One delivery of a job. Raises a retryable error, with the job given back
@@ -79,8 +100,7 @@ class JobRunner:
         if not self.service.alive(self.settings.lease_s):
             raise EngineFailure("this worker's engine loop is not running")
         with self.service.arriving():
-            claim = self.store.claim(job_id, worker, self.settings.max_attempts,
-                                     self.settings.lease_s)
+            claim = self._claims.submit(ClaimAsk(job_id, worker))
             if claim.spec is None:
                 log.info("job %s not run: %s", job_id, claim.outcome.value)
                 if claim.outcome in ENDED_BY_CLAIM:
@@ -174,9 +194,9 @@ class JobRunner:
         # Renewal stops before the write that ends the lease, or a renewal racing
         # it would take the ended lease for one lost to another worker.
         self.leases.drop(spec.lease_id)
-        recorded = self.store.finish(
-            spec.id, spec.lease_id, status, error=error, outputs=completions, metrics=metrics,
-            prompt_logprobs=None if output is None else output.prompt_logprobs)
+        recorded = self._finishes.submit(FinishWrite(
+            spec.id, spec.lease_id, status, error, completions, metrics,
+            None if output is None else output.prompt_logprobs))
         if recorded:
             self._ended(spec.id, spec.lease_id, status, metrics)
         else:

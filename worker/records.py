@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -163,3 +164,24 @@ class ClaimOutcome(enum.Enum):
 class Claim:
     outcome: ClaimOutcome
     spec: JobSpec | None = None
+
+
+@dataclass(slots=True)
+class ClaimAsk:
+    """One delivery's request to take a job."""
+
+    job_id: str
+    worker: str
+
+
+@dataclass(slots=True)
+class FinishWrite:
+    """How one attempt ended, to be recorded if its lease is still the job's."""
+
+    job_id: str
+    lease_id: str
+    status: JobStatus
+    error: str | None = None
+    outputs: Sequence[Completion] = ()
+    metrics: JobMetrics | None = None
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None

@@ -2,28 +2,27 @@
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import NamedTuple
 
-from sqlalchemy import ColumnElement, Engine, and_, delete, or_, select, update
+from sqlalchemy import Engine, and_, delete, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, selectinload
 
 from engine.logprob import Logprob
 from worker.db import make_engine, make_sessionmaker
-from worker.job_rows import JobOwner, new_row, storable
-from worker.models import Job, JobStatus, Metrics, Output, utcnow
+from worker.job_rows import JobOwner, new_row
+from worker.job_writes import claim_jobs, expired_lease, finish_jobs
+from worker.models import Job, JobStatus, utcnow
 from worker.records import (
     Claim,
-    ClaimOutcome,
+    ClaimAsk,
     Completion,
+    FinishWrite,
     JobMetrics,
     JobRecord,
-    JobSpec,
-    logprobs_to_json,
 )
 from worker.schemas import IdempotencyConflict, JobRequest, QueueKind
 
@@ -162,43 +161,13 @@ class JobStore:
         froze), is taken: exactly one of several deliveries wins the conditional
         update. A running job with a live lease is left alone (BUSY): the
         delivery is a duplicate and costs the job nothing."""
-        now = utcnow()
-        lease_id = uuid.uuid4().hex
+        return self.claim_many([ClaimAsk(job_id, worker)], max_attempts, lease_s)[0]
+
+    def claim_many(self, asks: Sequence[ClaimAsk], max_attempts: int,
+                   lease_s: float) -> list[Claim]:
+        """`claim` for distinct jobs in one transaction; one Claim each, in order."""
         with self._session() as session, session.begin():
-            attempt = session.scalar(
-                update(Job)
-                .where(Job.id == job_id, Job.cancel_requested.is_(False),
-                       Job.attempts < max_attempts, _takeable(now), _unexpired(now))
-                .values(status=JobStatus.RUNNING, attempts=Job.attempts + 1, worker=worker,
-                        started_at=now, updated_at=now, lease_id=lease_id,
-                        lease_expires_at=now + timedelta(seconds=lease_s))
-                .returning(Job.attempts)
-                .execution_options(synchronize_session=False)
-            )
-            job = session.get(Job, job_id, with_for_update=True, populate_existing=True)
-            if job is None:
-                return Claim(ClaimOutcome.MISSING)
-            if attempt is not None:
-                prompt = job.prompt_text if job.prompt_text is not None else job.prompt_token_ids
-                return Claim(ClaimOutcome.CLAIMED, JobSpec(
-                    job.id, attempt, lease_id, prompt, dict(job.params), job.priority, job.chat,
-                    job.deadline_s, job.created_at, job.messages, job.stream, job.queue))
-            if job.status.finished:
-                return Claim(ClaimOutcome.FINISHED)
-            if job.status is JobStatus.RUNNING and not _expired(job.lease_expires_at, now):
-                return Claim(ClaimOutcome.BUSY)
-            job.finished_at = now
-            job.lease_id = job.lease_expires_at = None
-            if job.status is JobStatus.QUEUED and _expired(job.expires_at, now, unset=False):
-                job.status = JobStatus.EXPIRED
-                job.error = "expired before it started"
-                return Claim(ClaimOutcome.EXPIRED)
-            if job.cancel_requested:
-                job.status = JobStatus.CANCELLED
-                return Claim(ClaimOutcome.CANCELLED)
-            job.status = JobStatus.FAILED
-            job.error = f"gave up after {job.attempts} attempts"
-            return Claim(ClaimOutcome.EXHAUSTED)
+            return claim_jobs(session, asks, max_attempts, lease_s)
 
     def renew(self, lease_ids: Sequence[str], lease_s: float) -> set[str]:
         """Extend these leases by `lease_s` from now, in one statement; returns the
@@ -239,30 +208,14 @@ class JobStore:
         output and the metrics, or nothing at all when the attempt's lease is no
         longer the job's (returns False then): a worker that froze past its
         lease cannot write over the attempt that took the job over."""
-        now = utcnow()
+        return self.finish_many([FinishWrite(job_id, lease_id, status, error, outputs, metrics,
+                                             prompt_logprobs)])[0]
+
+    def finish_many(self, writes: Sequence[FinishWrite]) -> list[bool]:
+        """`finish` for attempts at distinct jobs in one transaction; each is fenced
+        by its own lease, and one whose lease was lost alone writes nothing."""
         with self._session() as session, session.begin():
-            won = session.execute(
-                update(Job)
-                .where(Job.id == job_id, Job.lease_id == lease_id,
-                       Job.status == JobStatus.RUNNING)
-                .values(status=status, error=error, finished_at=now, updated_at=now,
-                        lease_id=None, lease_expires_at=None,
-                        prompt_logprobs=logprobs_to_json(prompt_logprobs))
-                .execution_options(synchronize_session=False)
-            ).rowcount
-            if won != 1:
-                return False
-            session.add_all(
-                Output(job_id=job_id, index=o.index, text=storable(o.text),
-                       token_ids=o.token_ids, finish_reason=o.finish_reason,
-                       stop_reason=None if o.stop_reason is None else storable(o.stop_reason),
-                       cumulative_logprob=o.cumulative_logprob, score=o.score,
-                       logprobs=logprobs_to_json(o.logprobs))
-                for o in outputs
-            )
-            if metrics is not None:
-                session.add(Metrics(job_id=job_id, **asdict(metrics)))
-        return True
+            return finish_jobs(session, writes)
 
     # -- sweep for lost messages -------------------------------------------
 
@@ -276,7 +229,7 @@ class JobStore:
         now = utcnow()
         lost_message = and_(Job.status == JobStatus.QUEUED,
                             Job.published_at < now - timedelta(seconds=older_than_s))
-        lost_worker = and_(Job.status == JobStatus.RUNNING, _expired_lease(now))
+        lost_worker = and_(Job.status == JobStatus.RUNNING, expired_lease(now))
         due = (
             select(Job.id, Job.queue, Job.status)
             .where(or_(lost_message, lost_worker))
@@ -310,24 +263,3 @@ class JobStore:
                 .execution_options(synchronize_session=False)
             )
 
-
-def _expired_lease(now: datetime) -> ColumnElement[bool]:
-    """No lease (a running row from before leases existed), or one gone by."""
-    return or_(Job.lease_expires_at.is_(None), Job.lease_expires_at < now)
-
-
-def _takeable(now: datetime) -> ColumnElement[bool]:
-    return or_(Job.status == JobStatus.QUEUED,
-               and_(Job.status == JobStatus.RUNNING, _expired_lease(now)))
-
-
-def _unexpired(now: datetime) -> ColumnElement[bool]:
-    """A queued job past its expires_at is not taken (a running one keeps going)."""
-    return or_(Job.status == JobStatus.RUNNING, Job.expires_at.is_(None),
-               Job.expires_at >= now)
-
-
-def _expired(expires_at: datetime | None, now: datetime, unset: bool = True) -> bool:
-    """`unset`: what a missing time means (a lease without one is expired; a job
-    without expires_at never expires)."""
-    return unset if expires_at is None else expires_at < now
