@@ -1,6 +1,7 @@
 """Helpers shared by the benchmark scripts: the machine's name, timing, markdown
 tables, progress lines, and randomly initialised checkpoints of known shapes."""
 
+import argparse
 import os
 import platform
 import sys
@@ -137,3 +138,11 @@ def print_report(report: str, out: Path | None) -> None:
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(report if report.endswith("\n") else report + "\n")
+
+
+def parse_setting(text: str) -> tuple[str, str]:
+    """An argparse type for `--set NAME=VALUE` (a worker or engine setting)."""
+    name, sep, value = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"--set wants NAME=VALUE, got {text!r}")
+    return name, value

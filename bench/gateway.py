@@ -36,6 +36,7 @@ import openai
 import psycopg
 from sqlalchemy import make_url
 
+from bench.common import parse_setting
 from bench.queue import percentile
 from worker.client import Client
 from worker.keys import KeyStore
@@ -202,13 +203,6 @@ def _row(name: str, r: Round) -> str:
             f"| {r.tokens_per_s:.1f} | {r.tokens} | {r.wall_s:.2f} |")
 
 
-def _parse_setting(text: str) -> tuple[str, str]:
-    name, sep, value = text.partition("=")
-    if not sep:
-        raise argparse.ArgumentTypeError(f"--set wants NAME=VALUE, got {text!r}")
-    return name, value
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=256)
@@ -217,7 +211,7 @@ def main() -> None:
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=3,
                         help="alternate the two paths this often; the best round of each counts")
-    parser.add_argument("--set", type=_parse_setting, action="append", metavar="NAME=VALUE",
+    parser.add_argument("--set", type=parse_setting, action="append", metavar="NAME=VALUE",
                         help="another worker setting (e.g. dtype=float32, device=cpu)")
     parser.add_argument("--gateway-url", help="a running gateway (else one is started)")
     parser.add_argument("--api-key", help="its key (with --gateway-url)")

@@ -36,7 +36,7 @@ from pathlib import Path
 import psycopg
 from sqlalchemy import make_url
 
-from bench.common import log, markdown_table, print_report
+from bench.common import log, markdown_table, parse_setting, print_report
 from bench.queue import percentile
 from worker.client import Client
 from worker.migrate import run_alembic
@@ -307,13 +307,6 @@ def random_checkpoint(shape: str, device_name: str | None, folder: Path) -> str:
     return str(build_random_checkpoint(shape, folder / shape, dtype, device))
 
 
-def _parse_setting(text: str) -> tuple[str, str]:
-    name, sep, value = text.partition("=")
-    if not sep:
-        raise argparse.ArgumentTypeError(f"--set wants NAME=VALUE, got {text!r}")
-    return name, value
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--bulk", type=int, default=512)
@@ -330,7 +323,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2,
                         help="alternate flood, idle and mixed rounds this often")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--set", type=_parse_setting, action="append", metavar="NAME=VALUE",
+    parser.add_argument("--set", type=parse_setting, action="append", metavar="NAME=VALUE",
                         help="another worker setting (e.g. device=cpu)")
     parser.add_argument("--broker-url", default="redis://127.0.0.1:6379/14")
     parser.add_argument("--postgres-url", default=os.environ.get(
