@@ -64,6 +64,7 @@ def test_family_preempted_matches_transformers(family, mode, request):
     assert llm.engine.stats().num_preemptions > 0
 
 
+@pytest.mark.slow  # ~40 s on the interpreter; the kernels' own tests cover windows, caps, MoE
 @pytest.mark.parametrize("family", ["gemma2", "mixtral"], indirect=True)
 def test_triton_backend_matches_transformers(family):
     """The Triton kernels (under the interpreter on the CPU) with windowed, soft-capped

@@ -31,7 +31,9 @@ from tests.engine.test_torch_attention import BLOCK_SIZE, _batch
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 FP8 = torch.float8_e4m3fn
-BACKENDS = ["torch", "triton"]
+# The engine on the Triton interpreter is slow: its runs are in the slow set, and the
+# kernels' own fp8 tests (tests/kernels/test_kv_fp8.py) run in every suite.
+BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.slow)]
 # Per backend: prompts and tokens each (the interpreter runs a few launches a second).
 WORKLOAD = {"torch": (12, 24), "triton": (3, 8)}
 

@@ -139,6 +139,7 @@ def test_killed_engine_process_leaves_no_rank(make_checkpoint, tmp_path):
         proc.kill()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["phi3", "mixtral", "gemma2"])
 def test_families_split(family, tmp_path):
     """Phi-3's checkpoint fuses q/k/v and gate/up itself; Mixtral's experts split their
