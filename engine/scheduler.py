@@ -327,10 +327,12 @@ class Scheduler(StepUpdates, BlockNeeds):
         if not candidates:
             return
         group = min(candidates, key=lambda g: self.importance.key(g, now))
-        while self.running and not self._fits(group):
+        # The priority test first: it is cheap, and most steps stop there (the fit
+        # test looks the prompt up in the prefix cache).
+        while self.running:
             victim = self.running[-1]
             if not (group.priority < victim.priority
-                    and self.importance.before(group, victim, now)):
+                    and self.importance.before(group, victim, now)) or self._fits(group):
                 return
             self._preempt(victim, out)
 
