@@ -20,9 +20,10 @@ from celery import bootsteps
 from celery.worker import state as worker_state
 from celery.worker.control import control_command
 
-from worker.celery_app import CANCEL_COMMAND, PagedqCelery
+from worker.celery_app import CANCEL_COMMAND, TASK_NAME, PagedqCelery
 from worker.engine_service import EngineService
 from worker.executor import RESULT_GRACE_S, JobRunner
+from worker.job_events import JobEvents
 from worker.metrics import WorkerMetrics
 from worker.migrate import check_current
 from worker.reserve import install_reserve
@@ -62,6 +63,7 @@ class EngineStep(bootsteps.StartStopStep):
         log.info("starting the engine on %s", settings.model)
         service.start()
         self.runner = app.runner = JobRunner(store, service, settings, streams, metrics)
+        app.job_events = JobEvents(app, parent.hostname, TASK_NAME)
         if settings.metrics_port is not None:
             self.metrics_server = metrics.serve(settings.metrics_port, settings.metrics_address)
         log.info("engine ready")
@@ -78,6 +80,9 @@ class EngineStep(bootsteps.StartStopStep):
         # end from SQL at their next poll.
         if self.runner.streams is not None:
             self.runner.streams.close()
+        if parent.app.job_events is not None:
+            parent.app.job_events.close()
+            parent.app.job_events = None
         if self.metrics_server is not None:
             self.metrics_server.shutdown()
             self.metrics_server = None

@@ -6,6 +6,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from celery import Celery
+from celery.utils.dispatch import Signal
 from kombu import Queue
 
 from worker.schemas import QueueKind
@@ -13,11 +14,16 @@ from worker.settings import Settings
 
 if TYPE_CHECKING:
     from worker.executor import JobRunner
+    from worker.job_events import JobEvents
 
 TASK_NAME = "pagedq.generate"
 RESUMED_SUFFIX = ".resumed"
 CANCEL_COMMAND = "pagedq_cancel"
 BRPOP_TIMEOUT_S = 0.1
+
+# Sent from a task's thread as each job of its message ends (task_id: the message's),
+# before the message itself ends: the interactive reserve frees the job's slot then.
+job_ended = Signal(name="pagedq_job_ended")
 
 
 class PagedqCelery(Celery):
@@ -26,6 +32,8 @@ class PagedqCelery(Celery):
     settings: Settings
     # Set by the engine bootstep in a worker process; None in producers.
     runner: JobRunner | None = None
+    # Announces the jobs of many-job messages to Flower; set with the runner.
+    job_events: JobEvents | None = None
     # The worker process's exit status: non-zero when its engine died.
     exit_status: int = 0
 

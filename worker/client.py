@@ -1,16 +1,18 @@
 """The producer API: what a web backend or a bulk script calls.
 
-A job is written to SQL first (status queued, id = Celery task id) and
-published second; if publishing fails the row is removed again, so a job
-is either in both places or in neither. Should Redis lose the message later,
-the workers' sweep publishes it again (worker/sweeper.py). Nothing here
-imports the engine.
+A job is written to SQL first (status queued) and published second, alone or
+with the jobs submitted with it in one Celery message; if publishing fails the
+row is removed again, so a job is either in both places or in neither. Should
+Redis lose the message later, the workers' sweep publishes it again
+(worker/sweeper.py). Nothing here imports the engine.
 """
 
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from itertools import groupby
 from typing import Any
 
 import redis
@@ -43,9 +45,11 @@ class BrokerUnavailable(RuntimeError):
 
 def publish(app: PagedqCelery, jobs: Sequence[tuple[str, QueueKind]],
             resumed: bool = False) -> None:
-    """Send each job's message to its queue: the one way a job reaches the broker,
-    on submit and again (`resumed`, to the queue drained first) when a worker's
-    sweep finds its message or its worker lost.
+    """Send the jobs' messages: the one way a job reaches the broker, on submit and
+    again (`resumed`, to the queue drained first) when a worker's sweep finds its
+    message or its worker lost. Consecutive jobs of one queue share a message, up to
+    `jobs_per_message`; a message of one job is the job's own task (its id the
+    job's), so that a lone job shows in Flower as itself.
 
     Raises BrokerUnavailable naming the jobs whose message was not sent."""
     if not jobs:
@@ -53,17 +57,31 @@ def publish(app: PagedqCelery, jobs: Sequence[tuple[str, QueueKind]],
     sent = 0
     try:
         with app.producer_or_acquire() as producer:
-            for job_id, kind in jobs:
-                app.send_task(TASK_NAME, args=[job_id], task_id=job_id,
+            for kind, job_ids in _messages(jobs, app.settings.jobs_per_message):
+                if len(job_ids) == 1:
+                    args, task_id = [job_ids[0]], job_ids[0]
+                else:
+                    args, task_id = [job_ids], str(uuid.uuid4())
+                app.send_task(TASK_NAME, args=args, task_id=task_id,
                               queue=app.queue_name(kind, resumed), producer=producer,
                               retry=True)
-                sent += 1
+                sent += len(job_ids)
     except (BrokerError, OSError) as exc:
         raise BrokerUnavailable(
             f"could not enqueue {len(jobs) - sent} job(s) "
             f"on {mask_url(app.conf.broker_url)}: {exc}",
             [job_id for job_id, _ in jobs[sent:]],
         ) from exc
+
+
+def _messages(jobs: Sequence[tuple[str, QueueKind]], per_message: int
+              ) -> Iterator[tuple[QueueKind, list[str]]]:
+    """Runs of consecutive jobs of one queue, `per_message` at most: the order
+    jobs were submitted in is the order their messages go out."""
+    for kind, run in groupby(jobs, key=lambda job: job[1]):
+        ids = [job_id for job_id, _ in run]
+        for start in range(0, len(ids), per_message):
+            yield kind, ids[start:start + per_message]
 
 
 def _cap(field: str, size: int, unit: str, limit: int, variable: str) -> None:

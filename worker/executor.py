@@ -10,9 +10,9 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Sequence
-from concurrent.futures import Future
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, as_completed
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from worker.db import is_transient
@@ -59,6 +59,53 @@ class Outcome:
     recorded: bool = True  # False: a newer attempt took the job over meanwhile
 
 
+@dataclass(slots=True)
+class Report:
+    """What one delivery of a message did with its jobs."""
+
+    outcomes: list[Outcome] = field(default_factory=list)
+    # Given back uncharged because the machinery failed them: to run again.
+    retry: list[str] = field(default_factory=list)
+    error: Exception | None = None  # the first such failure
+
+
+@dataclass(slots=True)
+class _Write:
+    """A job's end, queued for the database."""
+
+    spec: JobSpec
+    status: JobStatus
+    error: str | None
+    metrics: JobMetrics | None
+    future: Future[bool]
+
+
+@dataclass(slots=True)
+class _Batch:
+    """A delivery in progress: its report, and the ends not yet settled."""
+
+    report: Report
+    on_end: Callable[[Outcome], None] | None
+    writes: list[_Write] = field(default_factory=list)
+
+    def settled(self, outcome: Outcome) -> None:
+        self.report.outcomes.append(outcome)
+        if self.on_end is not None:
+            self.on_end(outcome)
+
+    def retry(self, job_id: str, exc: Exception) -> None:
+        self.report.retry.append(job_id)
+        if self.report.error is None:
+            self.report.error = exc
+
+    def settle_done(self, settle: Callable[[_Write, _Batch], None]) -> None:
+        """Settle the writes already committed, keeping the others' order."""
+        done = [write for write in self.writes if write.future.done()]
+        self.writes = [write for write in self.writes if not write.future.done()]
+        for write in done:
+            settle(write, self)
+
+
 def is_retryable(exc: BaseException) -> bool:
     """Failures of the machinery rather than of the job: another attempt may succeed."""
     return is_transient(exc) or isinstance(exc, EngineFailure | TimeoutError)
@@ -94,38 +141,126 @@ class JobRunner:
         return self.store.claim_many(asks, self.settings.max_attempts, self.settings.lease_s)
 
     def run(self, job_id: str, worker: str) -> Outcome:
-        """One delivery of a job. Raises a retryable error, with the job given back
+        """One delivery of one job. Raises a retryable error, with the job given back
         uncharged where the database allows, when the machinery failed it."""
+        report = self.run_many([job_id], worker)
+        if report.error is not None:
+            raise report.error
+        return report.outcomes[0]
+
+    def run_many(self, job_ids: Sequence[str], worker: str,
+                 on_end: Callable[[Outcome], None] | None = None) -> Report:
+        """One delivery of a message's jobs: claimed together, generated together in
+        the engine, their ends written as they finish. `on_end(outcome)` is called as
+        each job's outcome is settled. The jobs the machinery failed are given back
+        uncharged and named in `Report.retry`; raises (nothing claimed) when this
+        worker cannot run jobs at all."""
         # A worker whose engine is gone must not take (and charge) jobs it cannot run.
         if not self.service.alive(self.settings.lease_s):
             raise EngineFailure("this worker's engine loop is not running")
-        with self.service.arriving():
-            claim = self._claims.submit(ClaimAsk(job_id, worker))
-            if claim.spec is None:
-                log.info("job %s not run: %s", job_id, claim.outcome.value)
-                if claim.outcome in ENDED_BY_CLAIM:
-                    self._ended(job_id, "", ENDED_BY_CLAIM[claim.outcome], None)
-                return Outcome(job_id, claim.outcome)
-            spec = claim.spec
-            self.leases.hold(spec.id, spec.lease_id)
-        try:
-            return self._attempt(spec, worker)
-        finally:
-            self.leases.drop(spec.lease_id)
-
-    def _attempt(self, spec: JobSpec, worker: str) -> Outcome:
+        batch = _Batch(Report(), on_end)
+        held: list[JobSpec] = []
         try:
             with self.service.arriving():
-                started = self._start(spec)
-            if isinstance(started, Outcome):
-                return started
-            return self._collect(spec, started, worker)
+                for spec in self._claim(job_ids, worker, batch):
+                    self.leases.hold(spec.id, spec.lease_id)
+                    held.append(spec)
+                running = {future: spec for spec in held
+                           if (future := self._start(spec, batch)) is not None}
+            self._collect(running, worker, batch)
+            for pending in batch.writes:
+                self._settle(pending, batch)
+        finally:
+            for spec in held:
+                self.leases.drop(spec.lease_id)
+        return batch.report
+
+    def _claim(self, job_ids: Sequence[str], worker: str, batch: _Batch) -> list[JobSpec]:
+        """Claim every job in one transaction; returns the claimed ones' specs and
+        settles the others (not run, or ended by the claim itself)."""
+        futures = self._claims.submit_later([ClaimAsk(job_id, worker) for job_id in job_ids])
+        specs = []
+        for job_id, future in zip(job_ids, futures, strict=True):
+            try:
+                claim = future.result()
+            except Exception as exc:
+                if is_retryable(exc):
+                    batch.retry(job_id, exc)
+                else:
+                    # Not retried: a claim that fails for a reason of its own would
+                    # fail every time. The row stays queued for the sweep.
+                    log.error("job %s could not be claimed", job_id, exc_info=exc)
+                continue
+            if claim.spec is not None:
+                specs.append(claim.spec)
+                continue
+            log.info("job %s not run: %s", job_id, claim.outcome.value)
+            if claim.outcome in ENDED_BY_CLAIM:
+                self._ended(job_id, "", ENDED_BY_CLAIM[claim.outcome], None)
+            batch.settled(Outcome(job_id, claim.outcome))
+        return specs
+
+    def _start(self, spec: JobSpec, batch: _Batch) -> Future[Generation] | None:
+        """Hand the job to the engine; None when it ended (or was given back) instead."""
+        from engine import RequestOutputKind
+
+        # Only a streaming job pays for reporting every step.
+        kind = RequestOutputKind.DELTA if spec.stream and self.streams is not None \
+            else RequestOutputKind.FINAL_ONLY
+        try:
+            params = engine_params(spec.params, kind)
+            prompt = self._render(spec)
+        except ValueError as exc:
+            self._finish(spec, batch, JobStatus.FAILED, error=f"invalid job: {exc}")
+            return None
         except Exception as exc:
-            if is_retryable(exc):
-                self._give_back(spec, exc)
-                raise
-            log.exception("job %s failed unexpectedly", spec.id)
-            return self._finish(spec, JobStatus.FAILED, error=f"internal error: {exc!r}")
+            self._failed(spec, batch, exc)
+            return None
+        # Beam search has no output kind: its beams are known only at the end.
+        stream = getattr(params, "output_kind", None) is RequestOutputKind.DELTA
+        return self.service.submit(spec.id, spec.lease_id, prompt, params, spec.engine_priority,
+                                   time.time() + self._deadline_s(spec), stream=stream)
+
+    def _collect(self, running: dict[Future[Generation], JobSpec], worker: str,
+                 batch: _Batch) -> None:
+        """Record each job's end as its generation comes back."""
+        if not running:
+            return
+        wait_s = max(self._deadline_s(spec) for spec in running.values()) + RESULT_GRACE_S
+        try:
+            for future in as_completed(running, timeout=wait_s):
+                spec = running.pop(future)
+                try:
+                    self._judged(spec, future, worker, batch)
+                except Exception as exc:
+                    self._failed(spec, batch, exc)
+                batch.settle_done(self._settle)
+        except TimeoutError as exc:
+            for spec in running.values():
+                self._failed(spec, batch, exc)
+
+    def _judged(self, spec: JobSpec, future: Future[Generation], worker: str,
+                batch: _Batch) -> None:
+        try:
+            generation = future.result()
+        except JobCancelled:
+            self._finish(spec, batch, JobStatus.CANCELLED, error="cancelled before it started")
+            return
+        except ValueError as exc:
+            self._finish(spec, batch, JobStatus.FAILED, error=f"rejected by the engine: {exc}")
+            return
+        status, error = _judge(generation, self._deadline_s(spec))
+        self._finish(spec, batch, status, error=error, output=generation.output, worker=worker)
+
+    def _failed(self, spec: JobSpec, batch: _Batch, exc: Exception) -> None:
+        """A job that raised: given back for a retry when the machinery failed it,
+        recorded as failed otherwise."""
+        if is_retryable(exc):
+            self._give_back(spec, exc)
+            batch.retry(spec.id, exc)
+            return
+        log.error("job %s failed unexpectedly", spec.id, exc_info=exc)
+        self._finish(spec, batch, JobStatus.FAILED, error=f"internal error: {exc!r}")
 
     def _give_back(self, spec: JobSpec, cause: Exception) -> None:
         """Requeue a job the machinery failed, without charging its attempt. If the
@@ -136,33 +271,6 @@ class JobRunner:
         except Exception as exc:
             log.warning("job %s: could not give it back after %r (%r); the sweep takes "
                         "it once its lease expires", spec.id, cause, exc)
-
-    def _start(self, spec: JobSpec) -> Future[Generation] | Outcome:
-        from engine import RequestOutputKind
-
-        # Only a streaming job pays for reporting every step.
-        kind = RequestOutputKind.DELTA if spec.stream and self.streams is not None \
-            else RequestOutputKind.FINAL_ONLY
-        try:
-            params = engine_params(spec.params, kind)
-            prompt = self._render(spec)
-        except ValueError as exc:
-            return self._finish(spec, JobStatus.FAILED, error=f"invalid job: {exc}")
-        # Beam search has no output kind: its beams are known only at the end.
-        stream = getattr(params, "output_kind", None) is RequestOutputKind.DELTA
-        return self.service.submit(spec.id, spec.lease_id, prompt, params, spec.engine_priority,
-                                   time.time() + self._deadline_s(spec), stream=stream)
-
-    def _collect(self, spec: JobSpec, future: Future[Generation], worker: str) -> Outcome:
-        deadline_s = self._deadline_s(spec)
-        try:
-            generation = future.result(timeout=deadline_s + RESULT_GRACE_S)
-        except JobCancelled:
-            return self._finish(spec, JobStatus.CANCELLED, error="cancelled before it started")
-        except ValueError as exc:
-            return self._finish(spec, JobStatus.FAILED, error=f"rejected by the engine: {exc}")
-        status, error = _judge(generation, deadline_s)
-        return self._finish(spec, status, error=error, output=generation.output, worker=worker)
 
     def _deadline_s(self, spec: JobSpec) -> float:
         return min(spec.deadline_s or math.inf, self.settings.job_deadline_s)
@@ -182,8 +290,10 @@ class JobRunner:
         except Exception as exc:  # a template may refuse an order of roles
             raise ValueError(f"{field}: the chat template refused them: {exc}") from exc
 
-    def _finish(self, spec: JobSpec, status: JobStatus, *, error: str | None = None,
-                output: RequestOutput | None = None, worker: str | None = None) -> Outcome:
+    def _finish(self, spec: JobSpec, batch: _Batch, status: JobStatus, *,
+                error: str | None = None, output: RequestOutput | None = None,
+                worker: str | None = None) -> None:
+        """Queue the write that ends the job; _settle waits for it."""
         completions = [] if output is None else [
             Completion(o.index, o.text, list(o.token_ids), o.finish_reason,
                        None if o.stop_reason is None else str(o.stop_reason),
@@ -194,15 +304,34 @@ class JobRunner:
         # Renewal stops before the write that ends the lease, or a renewal racing
         # it would take the ended lease for one lost to another worker.
         self.leases.drop(spec.lease_id)
-        recorded = self._finishes.submit(FinishWrite(
+        [future] = self._finishes.submit_later([FinishWrite(
             spec.id, spec.lease_id, status, error, completions, metrics,
-            None if output is None else output.prompt_logprobs))
+            None if output is None else output.prompt_logprobs)])
+        batch.writes.append(_Write(spec, status, error, metrics, future))
+
+    def _settle(self, write: _Write, batch: _Batch) -> None:
+        spec = write.spec
+        try:
+            recorded = write.future.result()
+        except Exception as exc:
+            if is_retryable(exc):
+                self._give_back(spec, exc)
+                batch.retry(spec.id, exc)
+                return
+            log.error("job %s: its end could not be written", spec.id, exc_info=exc)
+            # Recorded as failed instead; should that fail too, the lease runs out
+            # and the sweep requeues the job.
+            if write.status is not JobStatus.FAILED:
+                self._finish(spec, batch, JobStatus.FAILED, error=f"internal error: {exc!r}")
+                self._settle(batch.writes.pop(), batch)
+            return
         if recorded:
-            self._ended(spec.id, spec.lease_id, status, metrics)
+            self._ended(spec.id, spec.lease_id, write.status, write.metrics)
         else:
             log.warning("job %s attempt %d lost its lease to a newer attempt; result dropped",
                         spec.id, spec.attempt)
-        return Outcome(spec.id, ClaimOutcome.CLAIMED, status, error, recorded)
+        batch.settled(Outcome(spec.id, ClaimOutcome.CLAIMED, write.status, write.error,
+                              recorded))
 
     def _ended(self, job_id: str, attempt: str, status: JobStatus,
                metrics: JobMetrics | None) -> None:

@@ -53,13 +53,24 @@ class GroupCommit(Generic[Request, Result]):
 
     def submit(self, request: Request) -> Result:
         """Run `request` in the next batch; raises what the batch's transaction raised."""
-        item: _Item[Request, Result] = _Item(request)
+        return self.submit_later([request])[0].result()
+
+    def submit_all(self, requests: Sequence[Request]) -> list[Result]:
+        """Run `requests` together (in one batch where they fit); raises the first error."""
+        return [future.result() for future in self.submit_later(requests)]
+
+    def submit_later(self, requests: Sequence[Request]) -> list[Future[Result]]:
+        """Queue `requests` for the next batch without waiting for it."""
+        items: list[_Item[Request, Result]] = [_Item(request) for request in requests]
         with self._changed:
-            if self._closed:
-                return self._run_batch([request])[0]
-            self._queue.append(item)
-            self._changed.notify()
-        return item.future.result()
+            if not self._closed:
+                self._queue.extend(items)
+                self._changed.notify()
+                return [item.future for item in items]
+        # Closed: run them here, as a batch of their own.
+        for item in items:
+            self._execute([item])
+        return [item.future for item in items]
 
     def close(self) -> None:
         """Run what is queued, then stop; later requests run in their caller's thread."""

@@ -1,11 +1,11 @@
 """The interactive reserve: threads of the worker pool that bulk jobs never hold.
 
-With prefetch 1, each pool thread holds one message until its job ends, so a
+With prefetch 1, each pool thread holds one message until its jobs end, so a
 worker whose threads all hold bulk jobs would take no interactive message until
 one of them ended. The worker therefore runs PAGEDQ_INTERACTIVE_RESERVE threads
-more than its job slots, counts the bulk messages it holds, and stops consuming
-the bulk queues while they fill the slots: the spare threads can only take
-interactive messages. The gate only decides when messages are taken, never
+more than its job slots, counts the bulk jobs it holds (a message may carry
+several), and stops consuming the bulk queues while they fill the slots: the spare
+threads can only take interactive messages. The gate only decides when messages are taken, never
 whether a job runs: a message stays in Redis (unacked, or not yet taken) until
 its job ends, and the claim in SQL still decides who runs it.
 """
@@ -14,24 +14,25 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections import Counter
+from collections import defaultdict, deque
 from typing import Any
 
 from celery import bootsteps, signals
 
-from worker.celery_app import PagedqCelery
+from worker.celery_app import PagedqCelery, job_ended
 from worker.schemas import QueueKind
 
 log = logging.getLogger(__name__)
 
 
 class BulkGate:
-    """The bulk messages a worker holds (by task id: a redelivered copy and a retry
-    share their original's id), against the most it may hold."""
+    """The bulk jobs a worker holds, by message (task id: a redelivered copy and a
+    retry share their original's id), against the most it may hold."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
-        self._held: Counter[str] = Counter()
+        # Per task id, the jobs of each of its messages held, oldest first.
+        self._held: defaultdict[str, deque[int]] = defaultdict(deque)
         self._total = 0  # read without the lock: an int is replaced, never torn
         self._lock = threading.Lock()
 
@@ -43,22 +44,34 @@ class BulkGate:
     def full(self) -> bool:
         return self._total >= self.limit
 
-    def take(self, task_id: str) -> bool:
-        """Count a bulk message taken; True when that fills the slots."""
+    def take(self, task_id: str, jobs: int = 1) -> bool:
+        """Count a bulk message of `jobs` jobs taken; True when that fills the slots."""
         with self._lock:
-            self._held[task_id] += 1
-            self._total += 1
+            self._held[task_id].append(jobs)
+            self._total += jobs
             return self._total >= self.limit
 
+    def job_ended(self, task_id: str) -> bool:
+        """Count the end of one job of a message; True when that frees the slots."""
+        with self._lock:
+            for copy, jobs in enumerate(self._held.get(task_id, ())):
+                if jobs:
+                    self._held[task_id][copy] -= 1
+                    self._total -= 1
+                    return self._total == self.limit - 1
+            return False
+
     def release(self, task_id: str) -> bool:
-        """Count a job's end; True when it was a bulk one and a slot is free now."""
+        """Count a message's end (its jobs not counted yet); True when it was a bulk
+        one and a slot is free now. Which copy of a task id ended is not known, but
+        once all have, the count is right again."""
         with self._lock:
             if task_id not in self._held:
                 return False
-            self._held[task_id] -= 1
-            if not self._held[task_id]:
+            held = self._held[task_id]
+            self._total -= held.popleft()
+            if not held:
                 del self._held[task_id]
-            self._total -= 1
             return self._total < self.limit
 
 
@@ -82,6 +95,7 @@ class ReserveStep(bootsteps.StartStopStep):
         # A weak reference would die with this step's bound methods.
         signals.task_received.connect(self._received, weak=False)
         signals.task_postrun.connect(self._ended, weak=False)
+        job_ended.connect(self._job_ended, weak=False)
         signals.task_revoked.connect(self._revoked, weak=False)
 
     def start(self, parent: Any) -> None:
@@ -103,6 +117,7 @@ class ReserveStep(bootsteps.StartStopStep):
         self.stop(parent)
         signals.task_received.disconnect(self._received)
         signals.task_postrun.disconnect(self._ended)
+        job_ended.disconnect(self._job_ended)
         signals.task_revoked.disconnect(self._revoked)
 
     def info(self, parent: Any) -> dict[str, Any]:
@@ -116,12 +131,17 @@ class ReserveStep(bootsteps.StartStopStep):
         if sender is not self.consumer or request is None:
             return
         if request.delivery_info.get("routing_key") in self.bulk_queues \
-                and self.gate.take(request.id):
+                and self.gate.take(request.id, _jobs(request.args)):
             self._pause()
 
     def _ended(self, sender: Any = None, task_id: str | None = None, **_: Any) -> None:
         """On the job's thread, once the task returned, raised or asked for a retry."""
         if task_id is not None and self.gate.release(task_id):
+            self.consumer.call_soon(self._resume)
+
+    def _job_ended(self, sender: Any = None, task_id: str | None = None, **_: Any) -> None:
+        """On the job's thread, as one job of a message ends."""
+        if task_id is not None and self.gate.job_ended(task_id):
             self.consumer.call_soon(self._resume)
 
     def _revoked(self, sender: Any = None, request: Any = None, terminated: bool = False,
@@ -153,6 +173,12 @@ class ReserveStep(bootsteps.StartStopStep):
             tasks.add_queue(queues[name])
         self.paused = []
         tasks.consume()
+
+
+def _jobs(args: Any) -> int:
+    """The jobs a pagedq.generate message carries: one id, or a list of them."""
+    first = args[0] if isinstance(args, list | tuple) and args else None
+    return len(first) if isinstance(first, list) else 1
 
 
 def add_reserve_threads(sender: Any = None, **_: Any) -> None:

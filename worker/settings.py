@@ -62,6 +62,10 @@ class _WorkerSettings(BaseSettings):
     # costs next to nothing; a burst of more interactive jobs than this waits for
     # the first job of any kind to end.
     interactive_reserve: int = Field(8, ge=0)
+    # Jobs submitted together travel this many to a Celery message: the message's
+    # delivery, acknowledgement and events are paid once for all of them, and a
+    # worker claims them in one transaction. A job alone is a message of its own.
+    jobs_per_message: int = Field(32, gt=0)
 
     # Redis hands a message unacked for this long out again, even while its
     # worker is alive and running the job. A lease turns such a copy into a

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import signal
 import socket
@@ -17,6 +19,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import redis
 from sqlalchemy import update
 
 from worker.client import Client
@@ -200,3 +203,22 @@ def _pipe(source: socket.socket, sink: socket.socket) -> None:
             sink.sendall(data)
     with suppress(OSError):
         sink.shutdown(socket.SHUT_WR)
+
+
+def queued_messages(client: Client, queue: str) -> list[tuple[str, str | list[str]]]:
+    """(task id, job id or ids) of each pagedq.generate message waiting in `queue`,
+    oldest first."""
+    raw = redis.Redis.from_url(client.settings.broker_url).lrange(queue, 0, -1)
+    found = []
+    for payload in reversed(raw):  # kombu pushes on the left and pops on the right
+        message = json.loads(payload)
+        args, _kwargs, _embed = json.loads(base64.b64decode(message["body"]))
+        found.append((message["headers"]["id"], args[0]))
+    return found
+
+
+def queued_job_ids(client: Client, queue: str) -> list[str]:
+    """Every job id the messages waiting in `queue` carry."""
+    return [job_id for _, jobs in queued_messages(client, queue)
+            for job_id in ([jobs] if isinstance(jobs, str) else jobs)]
+

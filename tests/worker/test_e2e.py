@@ -220,8 +220,8 @@ def _wait_for(condition, timeout=30.0):
 
 def test_interactive_queue_is_drained_before_bulk(pg_stack):
     client = pg_stack.client
-    bulk = client.submit_many([{"prompt": f"bulk {i}", "params": {"max_tokens": 6},
-                                "queue": "bulk"} for i in range(24)])
+    # Submitted one by one, a message each: submitted together, they would share one.
+    bulk = [client.submit(f"bulk {i}", {"max_tokens": 6}, queue="bulk") for i in range(24)]
     urgent = client.submit_many([{"prompt": f"urgent {i}", "params": {"max_tokens": 6}}
                                  for i in range(8)])
     last_urgent = max(client.wait(j, timeout=60).started_at for j in urgent)

@@ -11,6 +11,7 @@ from worker.settings import SettingsError, load_settings
 
 SLOTS = 4
 RESERVE = 2
+PER_MESSAGE = 2  # bulk jobs travel two to a message
 LONG_TOKENS = 300
 
 
@@ -35,6 +36,18 @@ def test_gate_counts_bulk_messages_by_task_id():
     assert not gate.release("a")
 
 
+def test_gate_counts_the_jobs_of_a_message_and_frees_each_as_it_ends():
+    gate = BulkGate(limit=4)
+    assert not gate.take("a", 3)
+    assert gate.take("b", 3) and gate.held == 6
+    assert not gate.job_ended("a") and not gate.job_ended("a")  # 4: still full
+    assert gate.job_ended("a") and gate.held == 3  # the slot that frees them
+    assert not gate.job_ended("a")  # a's three jobs are all counted already
+    assert gate.release("a") and gate.held == 3  # a's message ends: nothing left of it
+    assert not gate.job_ended("interactive")
+    assert gate.release("b") and gate.held == 0
+
+
 def test_reserve_defaults_and_bad_values_name_the_variable(monkeypatch):
     monkeypatch.delenv("PAGEDQ_INTERACTIVE_RESERVE", raising=False)
     assert load_settings().interactive_reserve == 8
@@ -49,7 +62,7 @@ def test_reserve_defaults_and_bad_values_name_the_variable(monkeypatch):
 @pytest.fixture
 def flooded(redis_url, new_pg_database, tiny_llama_dir, tmp_path):
     fields = engine_fields(tiny_llama_dir, database_url=new_pg_database(), max_num_seqs=SLOTS,
-                           interactive_reserve=RESERVE)
+                           interactive_reserve=RESERVE, jobs_per_message=PER_MESSAGE)
     with stack(fields, tmp_path, "reserve") as running:
         yield running
 
@@ -100,9 +113,10 @@ def test_interactive_job_overtakes_a_bulk_flood(flooded):
         assert record.status is JobStatus.SUCCEEDED, record.error
         assert record.attempts == 1 and record.metrics.attempt == 1
         assert len(record.outputs[0].token_ids) == job["params"]["max_tokens"]
-    # Never more bulk jobs at once than slots: each start follows an end.
+    # Never more bulk jobs taken at once than slots, but for the rest of the message
+    # that took the last one: a message is taken once a slot frees.
     spans = sorted((r.started_at, r.finished_at) for r in records)
     for started, _ in spans:
-        assert sum(s <= started < f for s, f in spans) <= SLOTS
+        assert sum(s <= started < f for s, f in spans) <= SLOTS + PER_MESSAGE - 1
     _wait_for(lambda: _intake(flooded)["bulk_held"] == 0, timeout=10)
     assert not _intake(flooded)["bulk_paused"]

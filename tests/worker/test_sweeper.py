@@ -16,6 +16,7 @@ from tests.worker.services import (
     free_port,
     private_queues,
     purge_queues,
+    queued_job_ids,
     stack,
 )
 from worker.celery_app import create_app
@@ -89,7 +90,7 @@ def test_racing_sweepers_send_each_job_once(client):
         for store in stores:
             store.close()
     assert sorted(sent) == sorted(ids)
-    assert broker(client).llen(client.settings.interactive_queue) == len(ids)
+    assert sorted(queued_job_ids(client, client.settings.interactive_queue)) == sorted(ids)
 
 
 def test_a_failed_resend_is_tried_again_at_the_next_sweep(client, caplog):
