@@ -1,25 +1,33 @@
-"""Queue overhead: N short jobs through Redis, a worker and PostgreSQL vs the engine in-process.
+"""Queue overhead: N short jobs through Redis, workers and PostgreSQL vs the engine in-process.
 
     python -m bench.queue [--jobs 512] [--max-tokens 16] [--model smollm2-135m | tiny]
+                          [--workers 1] [--jobs-per-message K]
 
 Both paths run the same prompts with the same engine settings; model loading
 is outside the timings. In-process, every request is added at once and the
-engine stepped to the end. Queued, a `pagedq worker` subprocess (threads pool,
-concurrency = max_num_seqs) drains jobs that the client submits all at once,
-and each job's end-to-end latency is the one recorded in SQL (submit to
-finished). `--model tiny` is a random one-layer model (bench/common.py) fed
-token ids, an engine fast enough that the queue's own cost shows.
+engine stepped to the end. Queued, `--workers` `pagedq worker` subprocesses
+(threads pool, concurrency = max_num_seqs each; one broker, one set of queues,
+one database) drain jobs that the client submits all at once, and each job's
+end-to-end latency is the one recorded in SQL (submit to finished). `--model
+tiny` is a random one-layer model (bench/common.py) fed token ids, an engine
+fast enough that the queue's own cost shows.
 
 Per job, the queued path also counts what it costs the servers:
 - SQL transactions, from PostgreSQL's pg_stat_database (the scratch database
   holds nothing else; the bench client's own are subtracted), the pool's
   pre-ping at each checkout included (it runs in a transaction of its own);
-- the worker's statements and round trips, from SQLAlchemy events installed in
-  the worker process by this script's wrapper around `pagedq worker` (a round
-  trip: each statement, BEGIN, COMMIT and the pool's pre-ping at checkout);
+- the workers' statements and round trips, from SQLAlchemy events installed in
+  each worker process by this script's wrapper around `pagedq worker`, summed
+  over the workers (a round trip: each statement, BEGIN, COMMIT and the pool's
+  pre-ping at checkout);
 - Redis commands, from INFO commandstats of a private redis-server this
-  script starts (producer and worker together; `--broker-url` uses another
+  script starts (producer and workers together; `--broker-url` uses another
   server instead, whose other clients then count too).
+Engine steps are summed over the workers; peak running is the highest worker's.
+
+After each queued round the bench reads from SQL which worker ran each job, and
+fails unless every job ran exactly once: one attempt, one metrics row. Under the
+table it prints each worker's jobs and share, and the jobs run twice (0).
 """
 
 from __future__ import annotations
@@ -46,7 +54,7 @@ from typing import Any  # noqa: E402
 
 import psycopg  # noqa: E402
 import redis  # noqa: E402
-from sqlalchemy import make_url  # noqa: E402
+from sqlalchemy import Engine, func, make_url, select  # noqa: E402
 
 from bench.queue_counts import (  # noqa: E402
     COUNTS_COMMAND,
@@ -56,7 +64,7 @@ from bench.queue_counts import (  # noqa: E402
 )
 from worker.client import Client  # noqa: E402
 from worker.migrate import run_alembic  # noqa: E402
-from worker.models import JobStatus  # noqa: E402
+from worker.models import Job, JobStatus, Metrics  # noqa: E402
 from worker.settings import load_settings  # noqa: E402
 
 REPO = _HERE.parent
@@ -86,6 +94,15 @@ class Cost:
 
 
 @dataclass(slots=True)
+class Runs:
+    """Per round, from SQL: how many jobs each worker ran (None: a job without a
+    metrics row), and how many jobs ran more than once."""
+
+    by_worker: Counter[str | None]
+    twice: int
+
+
+@dataclass(slots=True)
 class Result:
     wall_s: float
     latencies: list[float]
@@ -93,6 +110,7 @@ class Result:
     peak_running: int
     cost: Cost | None = None
     submit_s: float | None = None  # queued: the producer's own time to store and publish
+    runs: Runs | None = None  # queued
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -125,33 +143,42 @@ class InProcess:
 
 
 class Queued:
-    """A `pagedq worker` subprocess fed through Redis, results read back from SQL."""
+    """`pagedq worker` subprocesses on one broker, queues and database, fed through
+    Redis; results read back from SQL."""
 
     def __init__(self, fields: dict, max_tokens: int, database: str,
-                 admin: psycopg.Connection) -> None:
+                 admin: psycopg.Connection, workers: int) -> None:
         settings = load_settings(**fields)
         run_alembic(settings.database_url)
         self.database, self.admin = database, admin
-        self.hostname = f"bench-{uuid.uuid4().hex[:6]}@local"
+        tag = uuid.uuid4().hex[:6]
+        self.hostnames = [f"bench-{tag}-{i}@local" for i in range(workers)]
         env = {**os.environ, **{f"PAGEDQ_{k.upper()}": str(v) for k, v in fields.items()
                                 if v is not None}}
-        self.worker = subprocess.Popen(
-            [sys.executable, "-c", "import sys; from bench.queue_counts import counted_worker; "
-             "sys.exit(counted_worker(sys.argv[1:]))", "worker",
-             f"--hostname={self.hostname}", "--loglevel=warning"],
-            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.workers = [start_worker(hostname, env) for hostname in self.hostnames]
         self.client_sql = SqlCounts()
         count_sql(self.client_sql)  # the bench's own statements, to subtract
         self.client = Client(settings)
         self.redis = redis.Redis.from_url(settings.broker_url)
         self.params = {"temperature": 0, "max_tokens": max_tokens, "ignore_eos": True}
-        while not self.client.app.control.ping(destination=[self.hostname], timeout=0.5):
-            if self.worker.poll() is not None:
-                raise RuntimeError("the worker exited during start-up")
+        try:
+            self._await_workers()
+        except BaseException:
+            self.close()
+            raise
+
+    def _await_workers(self) -> None:
+        """Return once every worker has answered a ping, its engine loaded."""
+        answered: set[str] = set()
+        while answered != set(self.hostnames):
+            if any(worker.poll() is not None for worker in self.workers):
+                raise RuntimeError("a worker exited during start-up")
+            replies = self.client.app.control.ping(destination=self.hostnames, timeout=0.5)
+            answered |= {hostname for reply in replies for hostname in reply}
 
     def run(self, texts: list[Any]) -> Result:
         client = self.client
-        steps = self._engine_stats()["steps"]
+        steps, _ = self._engine_stats()
         time.sleep(PG_STATS_SETTLE_S)
         before = self._snapshot()
         start = time.time()
@@ -171,14 +198,32 @@ class Queued:
         wall = max(r.finished_at.timestamp() for r in records) - start
         time.sleep(PG_STATS_SETTLE_S)
         cost = self._cost(before)
-        stats = self._engine_stats()
-        return Result(wall, [r.metrics.e2e_s for r in records], stats["steps"] - steps,
-                      stats["peak_running"], cost, submit_s)
+        steps_now, peak_running = self._engine_stats()
+        # Read after the cost: these statements are the bench's, not the round's.
+        runs = count_runs(client.store.engine, ids)
+        if runs.twice or None in runs.by_worker:
+            raise RuntimeError(f"{runs.twice} jobs ran more than once, "
+                               f"{runs.by_worker[None]} finished without a metrics row")
+        return Result(wall, [r.metrics.e2e_s for r in records], steps_now - steps,
+                      peak_running, cost, submit_s, runs)
 
-    def _engine_stats(self) -> dict:
-        replies = self.client.app.control.inspect(destination=[self.hostname],
-                                                  timeout=10).stats()
-        return replies[self.hostname]["engine"]
+    def _answers(self, replies: list[dict[str, Any]] | None, what: str) -> dict[str, Any]:
+        """Every worker's reply to a control message, by hostname."""
+        answers = {hostname: answer for reply in replies or [] for hostname, answer
+                   in reply.items()}
+        missing = set(self.hostnames) - answers.keys()
+        if missing:
+            raise RuntimeError(f"no {what} from {', '.join(sorted(missing))}")
+        return answers
+
+    def _engine_stats(self) -> tuple[int, int]:
+        """Engine steps summed over the workers, and the highest worker's peak of
+        requests running at once since it started."""
+        replies = self.client.app.control.inspect(
+            destination=self.hostnames, timeout=10, limit=len(self.hostnames)).stats()
+        engines = [stats["engine"] for stats in self._answers([replies or {}], "stats").values()]
+        return (sum(engine["steps"] for engine in engines),
+                max(engine["peak_running"] for engine in engines))
 
     def _snapshot(self) -> tuple[int, SqlCounts, SqlCounts, Counter[str]]:
         """Taken in an order that leaves the control message out of the Redis counts."""
@@ -197,9 +242,14 @@ class Queued:
         return Cost(pg, self._worker_sql().minus(worker), +redis_now)
 
     def _worker_sql(self) -> SqlCounts:
+        """The workers' SQL counts, summed."""
         replies = self.client.app.control.broadcast(
-            COUNTS_COMMAND, destination=[self.hostname], reply=True, timeout=10)
-        return SqlCounts(**replies[0][self.hostname])
+            COUNTS_COMMAND, destination=self.hostnames, reply=True, timeout=10,
+            limit=len(self.hostnames))
+        total = SqlCounts()
+        for counts in self._answers(replies, "SQL counts").values():
+            total = total.plus(SqlCounts(**counts))
+        return total
 
     def _redis_commands(self) -> Counter[str]:
         stats = self.redis.info("commandstats")
@@ -213,11 +263,32 @@ class Queued:
         return int(row[0])
 
     def close(self) -> None:
-        self.worker.terminate()
-        self.worker.wait(120)
+        for worker in self.workers:
+            worker.terminate()
+        for worker in self.workers:
+            worker.wait(120)
         self.client.close()
         self.redis.close()
 
+
+def start_worker(hostname: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """`pagedq worker` through counted_worker, so that COUNTS_COMMAND answers."""
+    return subprocess.Popen(
+        [sys.executable, "-c", "import sys; from bench.queue_counts import counted_worker; "
+         "sys.exit(counted_worker(sys.argv[1:]))", "worker",
+         f"--hostname={hostname}", "--loglevel=warning"],
+        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def count_runs(engine: Engine, ids: list[str]) -> Runs:
+    """Who ran each job, and how many ran more than once: an attempt claimed again
+    (Job.attempts), or a second metrics row (one is written per finished attempt)."""
+    query = (select(Job.attempts, func.count(Metrics.id), func.min(Metrics.worker))
+             .outerjoin(Metrics).where(Job.id.in_(ids)).group_by(Job.id, Job.attempts))
+    with engine.connect() as connection:
+        rows = connection.execute(query).all()
+    return Runs(Counter(worker for _, _, worker in rows),
+                sum(attempts > 1 or finished > 1 for attempts, finished, _ in rows))
 
 
 def engine_kwargs(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
@@ -245,11 +316,13 @@ def run_rounds(args: argparse.Namespace, kwargs: dict[str, Any], broker_url: str
               .render_as_string(hide_password=False),
               "interactive_queue": f"bench-{database}.interactive",
               "bulk_queue": f"bench-{database}.bulk"}
+    if args.jobs_per_message is not None:
+        fields["jobs_per_message"] = args.jobs_per_message
     token_ids = args.model == "tiny"
     local, remote = [], []
     try:
         baseline = InProcess(kwargs, args.max_tokens)
-        queue = Queued(fields, args.max_tokens, database, admin)
+        queue = Queued(fields, args.max_tokens, database, admin, args.workers)
         try:
             # A warm-up round, then alternate, so that load from elsewhere on the
             # machine hits both paths alike.
@@ -274,7 +347,8 @@ def report(args: argparse.Namespace, local: Result, remote: Result) -> None:
           "| peak running | SQL transactions / job | worker SQL statements / job "
           "| worker SQL round trips / job | Redis commands / job |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for name, r in (("in-process engine", local), ("Redis + worker + PostgreSQL", remote)):
+    workers = "worker" if args.workers == 1 else f"{args.workers} workers"
+    for name, r in (("in-process engine", local), (f"Redis + {workers} + PostgreSQL", remote)):
         counts = "| - | - | - | - |"
         if r.cost is not None:
             c, n = r.cost, args.jobs
@@ -289,6 +363,10 @@ def report(args: argparse.Namespace, local: Result, remote: Result) -> None:
                     for name, calls in remote.cost.redis.most_common(12))
     print(f"Redis commands per job, by command: {top}")
     print(f"queued / in-process throughput: {local.wall_s / remote.wall_s:.2f}")
+    assert remote.runs is not None
+    for hostname, jobs in sorted(remote.runs.by_worker.items()):
+        print(f"worker {hostname}: {jobs} jobs run, share {jobs / args.jobs:.2f}")
+    print(f"jobs run twice: {remote.runs.twice}")
 
 
 def main() -> None:
@@ -300,6 +378,11 @@ def main() -> None:
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=3,
                         help="alternate the two paths this often; the best round of each counts")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="`pagedq worker` processes sharing the broker, queues and database")
+    parser.add_argument("--jobs-per-message", type=int, default=None,
+                        help="PAGEDQ_JOBS_PER_MESSAGE of client and workers (default: the "
+                        "setting's own)")
     parser.add_argument("--torch-threads", type=int, default=None,
                         help="torch threads of both paths (default: torch's own choice); 1 "
                         "suits the tiny model on a loaded machine")

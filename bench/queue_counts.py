@@ -36,6 +36,10 @@ class SqlCounts:
         return SqlCounts(*(now - then for now, then in zip(astuple(self), astuple(before),
                                                            strict=True)))
 
+    def plus(self, other: SqlCounts) -> SqlCounts:
+        return SqlCounts(*(mine + theirs for mine, theirs in zip(astuple(self), astuple(other),
+                                                                 strict=True)))
+
 
 def count_sql(counts: SqlCounts) -> None:
     """Count every engine's statements, transactions and checkouts in this process."""
