@@ -107,8 +107,11 @@ class JobStore:
             )
         postgres = self.engine.dialect.name == "postgresql"
         insert = postgresql.insert if postgres else sqlite.insert
-        inserted = set(session.scalars(
-            insert(Job).values(rows).on_conflict_do_nothing().returning(Job.id)
+        # Executemany, not one statement of many VALUES: that would be compiled anew
+        # for every count of rows; this one is compiled once and cached.
+        table = Job.__table__
+        inserted = set(session.connection().scalars(
+            insert(table).on_conflict_do_nothing().returning(table.c.id), rows
         ))
         lost = [row for row in rows if row["id"] not in inserted]
         existing: dict[str, tuple[str, str | None]] = {}
