@@ -118,12 +118,14 @@ def _record(session: Session, won: Sequence[FinishWrite], now: datetime) -> None
                 "cumulative_logprob": o.cumulative_logprob, "score": o.score,
                 "logprobs": logprobs_to_json(o.logprobs)}
                for w in won for o in w.outputs]
+    # Core executemany: the ORM's bulk insert would cost as much again in Python.
+    connection = session.connection()
     if outputs:
-        session.execute(insert(Output), outputs)
+        connection.execute(insert(Output.__table__), outputs)
     metrics = [{"job_id": w.job_id, **asdict(w.metrics)}
                for w in won if w.metrics is not None]
     if metrics:
-        session.execute(insert(Metrics), metrics)
+        connection.execute(insert(Metrics.__table__), metrics)
 
 
 def _distinct(job_ids: list[str]) -> list[str]:

@@ -1,14 +1,14 @@
 """The interactive reserve: threads of the worker pool that bulk jobs never hold.
 
 With prefetch 1, each pool thread holds one message until its jobs end, so a
-worker whose threads all hold bulk jobs would take no interactive message until
-one of them ended. The worker therefore runs PAGEDQ_INTERACTIVE_RESERVE threads
-more than its job slots, counts the bulk jobs it holds (a message may carry
-several), and stops consuming the bulk queues while they fill the slots: the spare
-threads can only take interactive messages. The gate only decides when messages are taken, never
+worker whose threads all held bulk messages would take no interactive message
+until one of them ended. The worker therefore runs PAGEDQ_INTERACTIVE_RESERVE
+threads more than its job slots, counts the bulk messages it holds and their jobs
+(a message may carry several), and stops consuming the bulk queues while they
+fill the slots or hold twice as many jobs: the spare threads can only take
+interactive messages. The gate only decides when messages are taken, never
 whether a job runs: a message stays in Redis (unacked, or not yet taken) until
-its job ends, and the claim in SQL still decides who runs it.
-"""
+its jobs end, and the claim in SQL still decides who runs them."""
 
 from __future__ import annotations
 
@@ -24,55 +24,74 @@ from worker.schemas import QueueKind
 
 log = logging.getLogger(__name__)
 
+# Bulk jobs a worker holds, per slot: the running ones and as many waiting in its
+# engine's queue, so that a slot freed is filled at once, not after a round trip
+# to Redis.
+LOOKAHEAD = 2
+
 
 class BulkGate:
-    """The bulk jobs a worker holds, by message (task id: a redelivered copy and a
-    retry share their original's id), against the most it may hold."""
+    """The bulk messages a worker holds and their jobs, by task id (a redelivered copy
+    and a retry share their original's id), against the most it may hold: no more
+    messages than slots, since each holds a thread until its jobs end, and no more
+    jobs than LOOKAHEAD times the slots, so that the engine has the next jobs at hand
+    as running ones end, while the rest stay in Redis for other workers."""
 
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        # Per task id, the jobs of each of its messages held, oldest first.
+    def __init__(self, slots: int) -> None:
+        self.slots = slots
+        self.limit = LOOKAHEAD * slots  # jobs
+        # Per task id, the jobs not yet ended of each of its messages, oldest first.
         self._held: defaultdict[str, deque[int]] = defaultdict(deque)
-        self._total = 0  # read without the lock: an int is replaced, never torn
+        # Read without the lock: an int is replaced, never torn.
+        self._jobs = 0
+        self._messages = 0
         self._lock = threading.Lock()
 
     @property
     def held(self) -> int:
-        return self._total
+        return self._jobs
+
+    @property
+    def messages(self) -> int:
+        return self._messages
 
     @property
     def full(self) -> bool:
-        return self._total >= self.limit
+        return self._jobs >= self.limit or self._messages >= self.slots
 
     def take(self, task_id: str, jobs: int = 1) -> bool:
-        """Count a bulk message of `jobs` jobs taken; True when that fills the slots."""
+        """Count a bulk message of `jobs` jobs taken; True when the gate is full."""
         with self._lock:
             self._held[task_id].append(jobs)
-            self._total += jobs
-            return self._total >= self.limit
+            self._jobs += jobs
+            self._messages += 1
+            return self.full
 
     def job_ended(self, task_id: str) -> bool:
-        """Count the end of one job of a message; True when that frees the slots."""
+        """Count the end of one job of a message; True when that opens the gate."""
         with self._lock:
-            for copy, jobs in enumerate(self._held.get(task_id, ())):
+            copies = self._held.get(task_id, deque())
+            for copy, jobs in enumerate(copies):
                 if jobs:
-                    self._held[task_id][copy] -= 1
-                    self._total -= 1
-                    return self._total == self.limit - 1
+                    was_full = self.full
+                    copies[copy] -= 1
+                    self._jobs -= 1
+                    return was_full and not self.full
             return False
 
     def release(self, task_id: str) -> bool:
-        """Count a message's end (its jobs not counted yet); True when it was a bulk
-        one and a slot is free now. Which copy of a task id ended is not known, but
-        once all have, the count is right again."""
+        """Count a message's end (its jobs not yet counted too); True when it was a
+        bulk one and the gate is open now. Which copy of a task id ended is not
+        known, but once all have, the counts are right again."""
         with self._lock:
             if task_id not in self._held:
                 return False
-            held = self._held[task_id]
-            self._total -= held.popleft()
-            if not held:
+            copies = self._held[task_id]
+            self._jobs -= copies.popleft()
+            self._messages -= 1
+            if not copies:
                 del self._held[task_id]
-            return self._total < self.limit
+            return not self.full
 
 
 class ReserveStep(bootsteps.StartStopStep):
@@ -102,9 +121,9 @@ class ReserveStep(bootsteps.StartStopStep):
         # A restarted consumer (after a lost connection) consumes every queue again,
         # while the jobs it held before still run.
         self.paused = []
-        log.info("bulk jobs hold at most %d of %d threads; %d kept for interactive jobs",
-                 self.gate.limit, parent.controller.concurrency,
-                 parent.app.settings.interactive_reserve)
+        log.info("bulk messages hold at most %d of %d threads (and %d jobs); %d threads "
+                 "kept for interactive jobs", self.gate.slots, parent.controller.concurrency,
+                 self.gate.limit, parent.app.settings.interactive_reserve)
         if self.gate.full:
             self._pause()
 
@@ -122,6 +141,7 @@ class ReserveStep(bootsteps.StartStopStep):
 
     def info(self, parent: Any) -> dict[str, Any]:
         return {"intake": {"bulk_held": self.gate.held, "bulk_limit": self.gate.limit,
+                           "bulk_messages": self.gate.messages,
                            "bulk_paused": bool(self.paused)}}
 
     # -- signal receivers ----------------------------------------------------
