@@ -2,6 +2,7 @@
 
 import time
 
+import pytest
 from sqlalchemy import make_url
 
 from tests.worker.services import TcpProxy, WorkerProcess, engine_fields
@@ -11,7 +12,9 @@ from worker.models import JobStatus
 from worker.settings import load_settings
 
 
-def test_job_survives_a_database_outage(redis_url, new_pg_database, tiny_llama_dir, tmp_path):
+@pytest.mark.parametrize("jobs", [1, 3], ids=["alone", "one message of three"])
+def test_job_survives_a_database_outage(jobs, redis_url, new_pg_database, tiny_llama_dir,
+                                        tmp_path):
     direct = new_pg_database()
     run_alembic(direct)
     url = make_url(direct)
@@ -28,20 +31,24 @@ def test_job_survives_a_database_outage(redis_url, new_pg_database, tiny_llama_d
     try:
         worker.start(client)
         generated_before = worker.engine_stats(client)["generated_tokens"]
-        job_id = client.submit("through the outage", {"max_tokens": 48, "ignore_eos": True,
-                                                     "temperature": 0})
-        _until(lambda: client.get(job_id).status is JobStatus.RUNNING)
+        params = {"max_tokens": 48, "ignore_eos": True, "temperature": 0}
+        # Submitted together, several jobs share a message: they are retried together.
+        job_ids = client.submit_many([{"prompt": f"through the outage {i}", "params": params}
+                                      for i in range(jobs)])
+        _until(lambda: all(r.status is JobStatus.RUNNING for r in client.store.get_many(job_ids)))
         proxy.cut()
-        # Let the engine finish the request while the database is away, so the
-        # worker's final write is the one that fails.
-        _until(lambda: worker.engine_stats(client)["generated_tokens"] >= generated_before + 48)
+        # Let the engine finish the requests while the database is away, so the
+        # worker's final writes are the ones that fail.
+        _until(lambda: worker.engine_stats(client)["generated_tokens"]
+               >= generated_before + 48 * jobs)
         time.sleep(1.0)
-        assert client.get(job_id).status is JobStatus.RUNNING
+        assert all(r.status is JobStatus.RUNNING for r in client.store.get_many(job_ids))
         proxy.start()
-        record = client.wait(job_id, timeout=60)
-        assert record.status is JobStatus.SUCCEEDED
-        assert record.attempts == 2  # the lost attempt, then the retry
-        assert record.metrics.attempt == 2 and len(record.outputs[0].token_ids) == 48
+        for job_id in job_ids:
+            record = client.wait(job_id, timeout=60)
+            assert record.status is JobStatus.SUCCEEDED
+            assert record.attempts == 2  # the lost attempt, then the retry
+            assert record.metrics.attempt == 2 and len(record.outputs[0].token_ids) == 48
         assert "retrying" in worker.log_tail(20_000)
     finally:
         worker.stop()
