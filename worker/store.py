@@ -173,15 +173,19 @@ class JobStore:
             return claim_jobs(session, asks, max_attempts, lease_s)
 
     def renew(self, lease_ids: Sequence[str], lease_s: float) -> set[str]:
-        """Extend these leases by `lease_s` from now, in one statement; returns the
+        """Extend these leases by `lease_s` from now, in one transaction; returns the
         lease ids that are no longer held (their job was taken over or ended)."""
         if not lease_ids:
             return set()
         now = utcnow()
+        mine = and_(Job.lease_id.in_(lease_ids), Job.status == JobStatus.RUNNING)
         with self._session() as session, session.begin():
+            # Rows locked in id order first, as claim and finish batches lock theirs: an
+            # update locking them in its own order could deadlock with a batch.
+            session.execute(select(Job.id).where(mine).order_by(Job.id).with_for_update())
             held = set(session.scalars(
                 update(Job)
-                .where(Job.lease_id.in_(lease_ids), Job.status == JobStatus.RUNNING)
+                .where(mine)
                 .values(lease_expires_at=now + timedelta(seconds=lease_s))
                 .returning(Job.lease_id)
                 .execution_options(synchronize_session=False)
