@@ -164,6 +164,7 @@ def test_checkpoint_kv_scales_are_used(llama, tmp_path, monkeypatch):
                                                             scales)
 
 
+@pytest.mark.slow
 def test_smollm2_fp8_cache_keeps_most_greedy_tokens(smollm2_dir):
     """On real weights the fp8 model ranks the float run's token first at 95.5% of the steps
     of 32 docs.jsonl sentences x 32 tokens (1024 steps; 48% before the first divergence).

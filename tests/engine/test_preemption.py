@@ -460,6 +460,7 @@ def _soak(path: Path, seed: int, mode: str, swap_blocks: int) -> None:
             r.request_id)
 
 
+@pytest.mark.slow
 def test_soak_500_requests_with_aborts_and_a_small_pool(model_dir):
     _soak(model_dir, seed=2024, mode="swap", swap_blocks=24)  # swap and recompute mixed
 

@@ -28,7 +28,8 @@ def reference(smollm2_dir, workload):
 # prompts (agreement near 0); 50% leaves room for another CPU's float rounding. The
 # perplexity bounds are the targets.
 @pytest.mark.parametrize(("mode", "min_agreement", "max_ppl_change"), [
-    ("int8", 0.5, 0.02),
+    # int8 is the slow one here: the CPU path runs its own packed GEMM.
+    pytest.param("int8", 0.5, 0.02, marks=pytest.mark.slow),
     ("fp8", 0.5, 0.05),
 ])
 def test_quantized_close_to_float32(smollm2_dir, workload, reference, mode, min_agreement,

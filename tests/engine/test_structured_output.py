@@ -183,7 +183,7 @@ def preemption_case(llm):
     return prompts, params, want
 
 
-@pytest.mark.parametrize("mode", ["swap", "recompute"])
+@pytest.mark.parametrize("mode", ["swap", pytest.param("recompute", marks=pytest.mark.slow)])
 def test_preemption_keeps_each_matcher_with_its_sequence(preemption_case, smollm2_dir, mode):
     prompts, params, want = preemption_case
     tight = _tiny_pool_llm(smollm2_dir, mode)

@@ -58,7 +58,8 @@ def _alive(pid: int) -> bool:
 
 @pytest.mark.parametrize("shape", [
     dict(arch="llama", num_heads=4, num_kv_heads=2),   # GQA, 2 KV heads: one per rank
-    dict(arch="qwen2", num_heads=4, num_kv_heads=2),   # q/k/v bias cut with the heads
+    pytest.param(dict(arch="qwen2", num_heads=4, num_kv_heads=2),  # q/k/v bias cut too
+                 marks=pytest.mark.slow),
     dict(arch="llama", num_heads=4, num_kv_heads=1),   # one KV head, held by both ranks
 ], ids=["llama-gqa", "qwen2", "llama-mqa"])
 def test_two_ranks_match_one(make_checkpoint, shape):
@@ -78,6 +79,7 @@ def test_smollm2_uneven_heads(smollm2_dir):
     assert two == one
 
 
+@pytest.mark.slow
 def test_swap_preemption_across_ranks(make_checkpoint):
     """A pool far too small swaps sequences out and back on both ranks; the tokens are
     those of a pool that never preempts, n > 1 forks and all."""
@@ -106,6 +108,7 @@ def test_failing_rank_stops_the_engine(make_checkpoint):
     llm.close()
 
 
+@pytest.mark.slow
 def test_unsplittable_heads_are_refused(make_checkpoint):
     path = make_checkpoint(num_heads=4, num_kv_heads=1, vocab=509)
     with pytest.raises(ValueError, match="cannot split 4 attention heads over 1 KV heads"):
@@ -113,6 +116,7 @@ def test_unsplittable_heads_are_refused(make_checkpoint):
             num_device_blocks=64)
 
 
+@pytest.mark.slow
 def test_killed_engine_process_leaves_no_rank(make_checkpoint, tmp_path):
     """kill -9 of the engine's process: its rank notices within a second and exits."""
     path = make_checkpoint(num_heads=4, num_kv_heads=2, vocab=509)

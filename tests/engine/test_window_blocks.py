@@ -57,6 +57,7 @@ def _generate(path: Path, prompt: list[int], n: int, free: bool
     return [list(o.token_ids) for o in final.outputs], peak
 
 
+@pytest.mark.slow
 def test_a_long_generation_holds_the_window_and_matches_transformers(mistral):
     prompt = [5 + i % 300 for i in range(20)]
     tokens, peak = _generate(mistral, prompt, n=1, free=True)

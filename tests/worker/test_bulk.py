@@ -139,6 +139,7 @@ def test_output_lines_carry_logprobs_when_a_line_asks(tmp_path, tiny_llama_dir, 
         assert all(entry["rank"] >= 1 and entry["logprob"] <= 0 for entry in position.values())
 
 
+@pytest.mark.slow
 def test_run_over_two_tensor_parallel_ranks(tmp_path, tiny_llama_dir, monkeypatch, capsys):
     """PAGEDQ_TENSOR_PARALLEL_SIZE=2: the same greedy texts as one rank, and the rank
     process ends with the command."""
