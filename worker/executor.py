@@ -87,6 +87,8 @@ class _Batch:
     report: Report
     on_end: Callable[[Outcome], None] | None
     writes: list[_Write] = field(default_factory=list)
+    # A claim that failed for a reason of its own, raised once the rest is settled.
+    unclaimable: Exception | None = None
 
     def settled(self, outcome: Outcome) -> None:
         self.report.outcomes.append(outcome)
@@ -153,8 +155,9 @@ class JobRunner:
         """One delivery of a message's jobs: claimed together, generated together in
         the engine, their ends written as they finish. `on_end(outcome)` is called as
         each job's outcome is settled. The jobs the machinery failed are given back
-        uncharged and named in `Report.retry`; raises (nothing claimed) when this
-        worker cannot run jobs at all."""
+        uncharged and named in `Report.retry`. Raises when this worker cannot run
+        jobs at all (nothing claimed), and once the others are settled when a claim
+        failed for a reason other than the database being away."""
         # A worker whose engine is gone must not take (and charge) jobs it cannot run.
         if not self.service.alive(self.settings.lease_s):
             raise EngineFailure("this worker's engine loop is not running")
@@ -173,6 +176,8 @@ class JobRunner:
         finally:
             for spec in held:
                 self.leases.drop(spec.lease_id)
+        if batch.unclaimable is not None:
+            raise batch.unclaimable  # the others are settled: now the task fails
         return batch.report
 
     def _claim(self, job_ids: Sequence[str], worker: str, batch: _Batch) -> list[JobSpec]:
@@ -190,6 +195,7 @@ class JobRunner:
                     # Not retried: a claim that fails for a reason of its own would
                     # fail every time. The row stays queued for the sweep.
                     log.error("job %s could not be claimed", job_id, exc_info=exc)
+                    batch.unclaimable = batch.unclaimable or exc
                 continue
             if claim.spec is not None:
                 specs.append(claim.spec)
