@@ -313,7 +313,8 @@ class Duplicator:
     def tick(self, ids: list[str], now_running: set[str]) -> None:
         for position in [i for i in self.due if i < len(ids) and ids[i] in now_running]:
             copies = self.due.pop(position)
-            publish(self.client.app, [(ids[position], QUEUE)] * copies)
+            for _ in range(copies):  # a message each: in one call they would share one
+                publish(self.client.app, [(ids[position], QUEUE)])
             self.jobs += 1
             self.messages += copies
 
