@@ -132,6 +132,7 @@ def test_regex_choice_grammar_and_json_object(llm):
     assert isinstance(json.loads(texts[5]), dict)
 
 
+@pytest.mark.slow
 def test_unconstrained_neighbours_are_unchanged(llm):
     plain = [_chat(llm, "Tell me about the sea."), "The capital of France is"]
     alone = llm.generate(plain, _greedy(None, 40), use_tqdm=False)

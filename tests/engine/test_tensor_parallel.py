@@ -60,7 +60,8 @@ def _alive(pid: int) -> bool:
     dict(arch="llama", num_heads=4, num_kv_heads=2),   # GQA, 2 KV heads: one per rank
     pytest.param(dict(arch="qwen2", num_heads=4, num_kv_heads=2),  # q/k/v bias cut too
                  marks=pytest.mark.slow),
-    dict(arch="llama", num_heads=4, num_kv_heads=1),   # one KV head, held by both ranks
+    pytest.param(dict(arch="llama", num_heads=4, num_kv_heads=1),  # one KV head, both ranks
+                 marks=pytest.mark.slow),
 ], ids=["llama-gqa", "qwen2", "llama-mqa"])
 def test_two_ranks_match_one(make_checkpoint, shape):
     # vocab 509: not a multiple of 2, so the last rank's vocabulary rows are padded.
@@ -71,6 +72,7 @@ def test_two_ranks_match_one(make_checkpoint, shape):
     assert two == one
 
 
+@pytest.mark.slow
 def test_smollm2_uneven_heads(smollm2_dir):
     """SmolLM2's 9 query heads over 3 KV heads split 6 + 3 across two ranks."""
     prompts = ["The capital of France is", "def fibonacci(n):", "Water boils at"]

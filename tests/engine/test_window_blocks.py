@@ -68,6 +68,7 @@ def test_a_long_generation_holds_the_window_and_matches_transformers(mistral):
     assert tokens == hf_greedy(mistral, [prompt], LONG, ignore_eos=True)
 
 
+@pytest.mark.slow
 def test_samples_sharing_a_prompt_each_hold_the_window(mistral):
     prompt = [7 + i % 200 for i in range(150)]  # longer than the window: freed at once
     tokens, peak = _generate(mistral, prompt, n=2, free=True)

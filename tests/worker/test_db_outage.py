@@ -12,7 +12,8 @@ from worker.models import JobStatus
 from worker.settings import load_settings
 
 
-@pytest.mark.parametrize("jobs", [1, 3], ids=["alone", "one message of three"])
+@pytest.mark.parametrize("jobs", [pytest.param(1, marks=pytest.mark.slow), 3],
+                         ids=["alone", "one message of three"])
 def test_job_survives_a_database_outage(jobs, redis_url, new_pg_database, tiny_llama_dir,
                                         tmp_path):
     direct = new_pg_database()
