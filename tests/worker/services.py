@@ -12,7 +12,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import timedelta
@@ -221,4 +221,12 @@ def queued_job_ids(client: Client, queue: str) -> list[str]:
     """Every job id the messages waiting in `queue` carry."""
     return [job_id for _, jobs in queued_messages(client, queue)
             for job_id in ([jobs] if isinstance(jobs, str) else jobs)]
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 30.0, pause: float = 0.05) -> None:
+    """Poll `condition` until it holds; fail the test after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(pause)
 

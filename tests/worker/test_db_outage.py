@@ -5,7 +5,7 @@ import time
 import pytest
 from sqlalchemy import make_url
 
-from tests.worker.services import TcpProxy, WorkerProcess, engine_fields
+from tests.worker.services import TcpProxy, WorkerProcess, engine_fields, wait_for
 from worker.client import Client
 from worker.migrate import run_alembic
 from worker.models import JobStatus
@@ -36,12 +36,13 @@ def test_job_survives_a_database_outage(jobs, redis_url, new_pg_database, tiny_l
         # Submitted together, several jobs share a message: they are retried together.
         job_ids = client.submit_many([{"prompt": f"through the outage {i}", "params": params}
                                       for i in range(jobs)])
-        _until(lambda: all(r.status is JobStatus.RUNNING for r in client.store.get_many(job_ids)))
+        wait_for(lambda: all(r.status is JobStatus.RUNNING
+                             for r in client.store.get_many(job_ids)), timeout=60)
         proxy.cut()
         # Let the engine finish the requests while the database is away, so the
         # worker's final writes are the ones that fail.
-        _until(lambda: worker.engine_stats(client)["generated_tokens"]
-               >= generated_before + 48 * jobs)
+        wait_for(lambda: worker.engine_stats(client)["generated_tokens"]
+                 >= generated_before + 48 * jobs, timeout=60)
         time.sleep(1.0)
         assert all(r.status is JobStatus.RUNNING for r in client.store.get_many(job_ids))
         proxy.start()
@@ -55,10 +56,3 @@ def test_job_survives_a_database_outage(jobs, redis_url, new_pg_database, tiny_l
         worker.stop()
         client.close()
         proxy.cut()
-
-
-def _until(condition, timeout=60.0):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.05)

@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from tests.worker.services import engine_fields, stack
+from tests.worker.services import engine_fields, stack, wait_for
 from worker.models import JobStatus
 
 PROMPTS = [f"Job {i}: the {'quick ' * (i % 5)}brown fox number {i * 7}" for i in range(64)]
@@ -64,7 +64,7 @@ def test_cancel_a_long_job_leaves_the_others_alone(pg_stack):
     long_job = client.submit("a very long story", {"max_tokens": 900, "ignore_eos": True})
     others = client.submit_many([{"prompt": f"short {i}", "params": {"max_tokens": 6}}
                                  for i in range(4)])
-    _wait_for(lambda: client.get(long_job).status is JobStatus.RUNNING)
+    wait_for(lambda: client.get(long_job).status is JobStatus.RUNNING)
     started = time.monotonic()
     assert client.cancel(long_job)
     record = client.wait(long_job, timeout=2)
@@ -209,13 +209,6 @@ def test_a_logprobs_job_stores_what_the_engine_returns(pg_stack, tiny_llama_dir)
         for token, lp in stored.items():
             assert lp.logprob == pytest.approx(engine_step[token].logprob, abs=1e-5)
             assert lp.rank == engine_step[token].rank
-
-
-def _wait_for(condition, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.02)
 
 
 def test_interactive_queue_is_drained_before_bulk(pg_stack):

@@ -1,10 +1,9 @@
 """The interactive reserve: a worker full of bulk jobs still takes interactive ones at once."""
 
-import time
 
 import pytest
 
-from tests.worker.services import engine_fields, queued_job_ids, stack
+from tests.worker.services import engine_fields, queued_job_ids, stack, wait_for
 from worker.models import JobStatus
 from worker.reserve import LOOKAHEAD, BulkGate
 from worker.settings import SettingsError, load_settings
@@ -80,18 +79,11 @@ def _intake(running) -> dict:
     return _stats(running)["intake"]
 
 
-def _wait_for(condition, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.05)
-
-
 def test_interactive_job_overtakes_a_bulk_flood(flooded):
     client = flooded.client
     assert _stats(flooded)["pool"]["max-concurrency"] == SLOTS + RESERVE
     bulk = client.submit_many(FLOOD)
-    _wait_for(lambda: sum(r.status is JobStatus.RUNNING
+    wait_for(lambda: sum(r.status is JobStatus.RUNNING
                           for r in client.store.get_many(bulk)) == HELD)
     # Every slot holds a bulk job and as many wait in the engine; the worker took no
     # further bulk message.
@@ -125,5 +117,5 @@ def test_interactive_job_overtakes_a_bulk_flood(flooded):
     spans = sorted((r.started_at, r.finished_at) for r in records)
     for started, _ in spans:
         assert sum(s <= started < f for s, f in spans) <= HELD + PER_MESSAGE - 1
-    _wait_for(lambda: _intake(flooded)["bulk_held"] == 0, timeout=10)
+    wait_for(lambda: _intake(flooded)["bulk_held"] == 0, timeout=10)
     assert not _intake(flooded)["bulk_paused"]
