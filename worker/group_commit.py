@@ -55,10 +55,6 @@ class GroupCommit(Generic[Request, Result]):
         """Run `request` in the next batch; raises what the batch's transaction raised."""
         return self.submit_later([request])[0].result()
 
-    def submit_all(self, requests: Sequence[Request]) -> list[Result]:
-        """Run `requests` together (in one batch where they fit); raises the first error."""
-        return [future.result() for future in self.submit_later(requests)]
-
     def submit_later(self, requests: Sequence[Request]) -> list[Future[Result]]:
         """Queue `requests` for the next batch without waiting for it."""
         items: list[_Item[Request, Result]] = [_Item(request) for request in requests]

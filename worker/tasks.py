@@ -71,15 +71,20 @@ def _retry(task: Task, app: PagedqCelery, job_ids: str | list[str], exc: Excepti
         raise
 
 
+def _what(outcome: Outcome) -> str:
+    """What this attempt recorded, or why it ran nothing."""
+    return outcome.status.value if outcome.status else outcome.claim.value
+
+
 def _single(outcome: Outcome) -> str:
     if outcome.status is JobStatus.FAILED and outcome.recorded:
         raise JobFailed(outcome.error)
-    return outcome.status.value if outcome.status else outcome.claim.value
+    return _what(outcome)
 
 
 def _summary(outcomes: list[Outcome]) -> str:
     """What a many-job message did, e.g. "32 jobs: 31 succeeded, 1 failed"."""
-    counts = Counter(o.status.value if o.status else o.claim.value for o in outcomes)
+    counts = Counter(_what(o) for o in outcomes)
     return f"{len(outcomes)} jobs: " + ", ".join(f"{n} {what}" for what, n in counts.items())
 
 
